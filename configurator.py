@@ -1,0 +1,127 @@
+"""
+Command-line configuration shared by every script.
+
+    python train.py config/train_shakespeare_char.py --batch_size=32 --compile=True
+
+Arguments are applied left to right: a config file is Python whose top-level
+assignments override the script's defaults; --key=value overrides one key, the
+value parsed with ast.literal_eval (a bare word is taken as a string). A value
+must have the type of the default it replaces (an int may stand for a float).
+Every mistake ends the program with one line that says what to do instead.
+"""
+import ast
+import difflib
+import os
+import sys
+
+
+def fail(message):
+    """Stop with one line on stderr and exit status 2: the house style for bad input."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _unknown_key(key, defaults):
+    close = difflib.get_close_matches(key, defaults, n=3, cutoff=0.6)
+    hint = f"did you mean {', '.join(close)}?" if close else f"valid keys: {', '.join(sorted(defaults))}"
+    return f"unknown config key {key!r}; {hint}"
+
+
+def _coerce(key, value, default):
+    if isinstance(default, bool) or isinstance(value, bool):
+        ok = isinstance(value, bool) and isinstance(default, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float))
+        value = float(value) if ok else value
+    else:
+        ok = type(value) is type(default)
+    if not ok:
+        raise ValueError(f"{key} must be {type(default).__name__} (like its default {default!r}), "
+                         f"got {type(value).__name__} {value!r}")
+    return value
+
+
+def _parse_value(raw, default):
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        value = raw  # a bare word such as --device=cuda
+    if isinstance(default, str) and not isinstance(value, str):
+        value = raw  # --out_dir=123 means the string "123"
+    return value
+
+
+def configure(defaults, argv):
+    """Return a copy of `defaults` with the config files and --key=value of argv applied."""
+    config = dict(defaults)
+    for arg in argv:
+        if arg.startswith("--"):
+            key, eq, raw = arg[2:].partition("=")
+            if not eq or not key:
+                fail(f"malformed argument {arg!r}; write --key=value")
+            if key not in defaults:
+                fail(_unknown_key(key, defaults))
+            try:
+                config[key] = _coerce(key, _parse_value(raw, defaults[key]), defaults[key])
+            except ValueError as e:
+                fail(str(e))
+        else:
+            if not os.path.isfile(arg):
+                fail(f"config file {arg!r} not found (arguments are config files or --key=value)")
+            namespace = {}
+            try:
+                with open(arg) as f:
+                    exec(compile(f.read(), arg, "exec"), namespace)
+            except Exception as e:
+                fail(f"config file {arg} raised {type(e).__name__}: {e}")
+            for key, value in namespace.items():
+                if key.startswith("_") or type(value).__name__ in ("module", "function", "type"):
+                    continue
+                if key not in defaults:
+                    fail(f"in {arg}: " + _unknown_key(key, defaults))
+                try:
+                    config[key] = _coerce(key, value, defaults[key])
+                except ValueError as e:
+                    fail(f"in {arg}: {e}")
+    return config
+
+
+def defaults_from(namespace):
+    """The config values among a script's module globals: lower-case public ints, floats, bools and strs."""
+    return {k: v for k, v in namespace.items()
+            if not k.startswith("_") and k.islower() and isinstance(v, (int, float, bool, str))}
+
+
+def resolve_device(device):
+    """'auto' picks CUDA when present; a device this machine lacks is an error, not a crash later."""
+    import torch
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    kind = device.split(":")[0]
+    if kind == "cuda" and not torch.cuda.is_available():
+        fail(f"device {device!r} requested but CUDA is not available here; use --device=cpu")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        fail(f"device {device!r} requested but MPS is not available here; use --device=cpu")
+    if kind not in ("cpu", "cuda", "mps"):
+        fail(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps")
+    if kind == "cuda" and ":" in device and int(device.split(":")[1] or 0) >= torch.cuda.device_count():
+        fail(f"device {device!r} does not exist; this machine has {torch.cuda.device_count()} GPU(s)")
+    return device
+
+
+def cpu_has_fast_bf16():
+    """bf16 matmuls beat fp32 only on CPUs with AMX or AVX512-BF16; elsewhere they are far slower."""
+    import torch
+    return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+
+
+def resolve_dtype(dtype, device):
+    """'auto' is bf16 wherever the hardware runs it fast, else fp16 on older GPUs, else fp32."""
+    import torch
+    if dtype not in ("auto", "float32", "bfloat16", "float16"):
+        fail(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16")
+    if dtype != "auto":
+        return dtype
+    if device.startswith("cuda"):
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    return "bfloat16" if device == "cpu" and cpu_has_fast_bf16() else "float32"

@@ -1,0 +1,113 @@
+"""
+The one place that knows how text becomes tokens and tokens become text.
+
+A dataset's meta.json names its tokenizer; `from_meta` rebuilds exactly that
+tokenizer, so prepare.py, train.py, sample.py and bench.py never guess.
+  gpt2  GPT-2's byte-level BPE through tiktoken (50257 ids, <|endoftext|> = 50256)
+  char  one id per character seen in the corpus, plus one id for end-of-text
+  bpe   a byte-level BPE trained on the corpus, stored as a tiktoken rank file
+"""
+import importlib.util
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import tiktoken
+from tiktoken.load import load_tiktoken_bpe
+
+EOT = "<|endoftext|>"
+# GPT-2's pre-tokenisation regex: contractions, letters, digits, other symbols, whitespace
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+class TokenizerError(ValueError):
+    """Text or a tokenizer description that cannot be used; the message says why."""
+
+
+@dataclass
+class Tokenizer:
+    name: str
+    vocab_size: int
+    eot_token: int
+    encode: Callable[[str], list]  # plain text; a literal "<|endoftext|>" in it is just text
+    decode: Callable[[list], str]
+    encode_batch: Callable[[list], list]
+    meta: dict  # the fields that go into meta.json to rebuild this tokenizer
+
+
+def _tiktoken(name, ranks, meta):
+    eot = len(ranks)
+    enc = tiktoken.Encoding(name, pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={EOT: eot})
+    return Tokenizer(
+        name=meta["tokenizer"], vocab_size=enc.n_vocab, eot_token=eot,
+        encode=enc.encode_ordinary, decode=enc.decode,
+        encode_batch=lambda texts: enc.encode_ordinary_batch(texts, num_threads=1),
+        meta=meta)
+
+
+def gpt2_ranks_path():
+    """GPT-2's rank file as shipped inside the openai-whisper package (found, never imported)."""
+    spec = importlib.util.find_spec("whisper")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = os.path.join(list(spec.submodule_search_locations)[0], "assets", "gpt2.tiktoken")
+    return path if os.path.exists(path) else None
+
+
+def gpt2():
+    path = gpt2_ranks_path()
+    if path is None:  # no local asset: tiktoken's own download, which needs the internet
+        try:
+            enc = tiktoken.get_encoding("gpt2")
+        except Exception as e:
+            raise TokenizerError("GPT-2's BPE file is not installed and cannot be downloaded "
+                                 f"({type(e).__name__}); run: pip install --no-deps openai-whisper") from None
+        ranks = enc._mergeable_ranks
+    else:
+        ranks = load_tiktoken_bpe(path)
+    return _tiktoken("gpt2", ranks, {"tokenizer": "gpt2"})
+
+
+def bpe(path):
+    """A byte-level BPE stored in tiktoken's rank format; end-of-text follows the last rank."""
+    if not os.path.exists(path):
+        raise TokenizerError(f"tokenizer file {path} does not exist; train one with "
+                             "prepare.py --tokenizer=bpe or give the right path")
+    try:
+        ranks = load_tiktoken_bpe(path)
+    except Exception as e:
+        raise TokenizerError(f"{path} is not a tiktoken rank file ({e})") from None
+    return _tiktoken(os.path.basename(path), ranks, {"tokenizer": "bpe", "tokenizer_file": os.path.basename(path)})
+
+
+def char(chars):
+    """Character level. The end-of-text id is the last one and decodes to "<|endoftext|>"."""
+    stoi = {c: i for i, c in enumerate(chars)}
+    eot = len(chars)
+
+    def encode(text):
+        try:
+            return [stoi[c] for c in text]
+        except KeyError:
+            unknown = sorted(set(text) - stoi.keys())
+            raise TokenizerError(f"characters {''.join(unknown)!r} are not in this dataset's "
+                                 f"{len(chars)}-character vocabulary") from None
+
+    def decode(ids):
+        return "".join(chars[i] if i < eot else EOT for i in ids)
+
+    return Tokenizer(name="char", vocab_size=eot + 1, eot_token=eot, encode=encode, decode=decode,
+                     encode_batch=lambda texts: [encode(t) for t in texts],
+                     meta={"tokenizer": "char", "chars": "".join(chars)})
+
+
+def from_meta(meta, data_dir="."):
+    """Rebuild the tokenizer a dataset (or a checkpoint's copy of its meta) was made with."""
+    kind = meta.get("tokenizer")
+    if kind == "gpt2":
+        return gpt2()
+    if kind == "char":
+        return char(list(meta["chars"]))
+    if kind == "bpe":
+        return bpe(os.path.join(data_dir, meta["tokenizer_file"]))
+    raise TokenizerError(f"unknown tokenizer {kind!r} in meta.json; expected gpt2, char or bpe")

@@ -1,0 +1,444 @@
+"""
+Train a GPT. One process on a CPU or GPU:
+
+    python train.py config/train_shakespeare_char.py --batch_size=32
+
+Several GPUs on one node, or several nodes (run the same command on each):
+
+    torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2.py
+    torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --rdzv_backend=c10d \
+        --rdzv_endpoint=HOST:29500 train.py config/train_gpt2.py
+
+Everything a later run needs lands in out_dir: ckpt.pt (latest), best.pt (best
+validation loss), log.jsonl (metrics) and eval.json (the final full evaluation).
+"""
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from datetime import timedelta
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from configurator import configure, defaults_from, fail, resolve_device, resolve_dtype
+from model import GPT, GPTConfig
+
+# -----------------------------------------------------------------------------
+# I/O
+out_dir = "checkpoint/run"
+init_from = "scratch"  # 'scratch' or 'resume' (from out_dir/ckpt.pt)
+eval_interval = 250
+log_interval = 10
+eval_iters = 50  # batches per split in the quick estimate made at each eval
+eval_only = False  # evaluate the checkpoint on the whole validation split and exit
+always_save_checkpoint = True  # save ckpt.pt at every eval, not only when val loss improves
+final_eval = True  # after training, evaluate the whole validation split into eval.json
+# wandb
+wandb_log = False
+wandb_project = "gpt"
+wandb_run_name = ""  # default: out_dir's name
+# data
+dataset = "shakespeare_char"  # a folder under data/, made by prepare.py
+gradient_accumulation_steps = 1  # micro-steps per optimizer step, across all processes
+batch_size = 12  # sequences per micro-step
+block_size = 256
+# model
+n_layer = 6
+n_head = 6
+n_embd = 384
+dropout = 0.0
+bias = False
+norm = "layernorm"  # 'layernorm' | 'rmsnorm'
+# AdamW
+learning_rate = 6e-4
+max_iters = 5000
+weight_decay = 0.1
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0  # 0 disables clipping
+# learning rate schedule: linear warmup, then cosine decay to min_lr
+decay_lr = True
+warmup_iters = 100
+lr_decay_iters = 5000
+min_lr = 6e-5
+# system
+device = "auto"  # auto | cpu | cuda | cuda:N | mps
+dtype = "auto"  # auto | float32 | bfloat16 | float16 (float16 uses a GradScaler)
+compile = False
+backend = "auto"  # DDP backend: nccl on GPUs, gloo on CPUs
+ddp_timeout = 300  # seconds a rank waits for the others before giving up
+seed = 1337
+# -----------------------------------------------------------------------------
+config = configure(defaults_from(globals()), sys.argv[1:])
+globals().update(config)
+
+# ranges that would only fail later, less clearly
+for key in ("batch_size", "block_size", "n_layer", "n_head", "n_embd", "max_iters",
+            "gradient_accumulation_steps", "eval_interval", "log_interval", "eval_iters"):
+    if config[key] < 1 and not (key == "max_iters" and config[key] == 0):
+        fail(f"{key} must be at least 1, got {config[key]}")
+if learning_rate <= 0 or min_lr < 0:
+    fail(f"learning_rate must be positive and min_lr not negative, got {learning_rate} and {min_lr}")
+if not 0 <= dropout < 1:
+    fail(f"dropout must be in [0, 1), got {dropout}")
+if n_embd % n_head:
+    fail(f"n_embd ({n_embd}) must be divisible by n_head ({n_head})")
+if norm not in ("layernorm", "rmsnorm"):
+    fail(f"unknown norm {norm!r}; use layernorm or rmsnorm")
+if init_from not in ("scratch", "resume"):
+    fail(f"unknown init_from {init_from!r}; use scratch or resume")
+
+# -----------------------------------------------------------------------------
+# processes and devices
+ddp = int(os.environ.get("RANK", -1)) != -1
+device = resolve_device(device)
+if ddp:
+    rank, local_rank, world_size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    if device.startswith("cuda"):
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend=("nccl" if device.startswith("cuda") else "gloo") if backend == "auto" else backend,
+                            timeout=timedelta(seconds=ddp_timeout))
+    if gradient_accumulation_steps % world_size:
+        fail(f"gradient_accumulation_steps ({gradient_accumulation_steps}) must be a multiple of "
+             f"the number of processes ({world_size})")
+    gradient_accumulation_steps //= world_size
+else:
+    rank, local_rank, world_size = 0, 0, 1
+master = rank == 0
+device_type = device.split(":")[0]
+dtype = resolve_dtype(dtype, device)
+ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+autocast = nullcontext() if dtype == "float32" else torch.autocast(device_type=device_type, dtype=ptdtype)
+if device_type == "cuda":
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+tokens_per_iter = gradient_accumulation_steps * world_size * batch_size * block_size
+
+
+def log(*args):
+    if master:
+        print(*args, flush=True)
+
+
+# -----------------------------------------------------------------------------
+# data: token files written by prepare.py, described by meta.json
+data_dir = os.path.join("data", dataset)
+meta_path = os.path.join(data_dir, "meta.json")
+if not os.path.exists(meta_path):
+    fail(f"dataset {dataset!r} not found ({meta_path} is missing); make it with "
+         f"python prepare.py --dataset=... (e.g. python prepare.py --tokenizer=char for shakespeare_char)")
+with open(meta_path) as f:
+    meta = json.load(f)
+data_dtype = np.dtype(meta["dtype"])
+for split in ("train", "val"):
+    path = os.path.join(data_dir, f"{split}.bin")
+    size = os.path.getsize(path) if os.path.exists(path) else -1
+    if size != meta[f"{split}_tokens"] * data_dtype.itemsize:
+        fail(f"{path} holds {size} bytes but meta.json promises {meta[f'{split}_tokens']} {data_dtype} tokens; "
+             f"prepare the dataset again")
+    if meta[f"{split}_tokens"] <= block_size:
+        fail(f"block_size {block_size} is longer than the {split} split ({meta[f'{split}_tokens']} tokens); "
+             f"lower --block_size")
+
+
+def memmap(split):
+    # a fresh memmap per use: a long-lived one keeps every page it touched resident
+    return np.memmap(os.path.join(data_dir, f"{split}.bin"), dtype=data_dtype, mode="r")
+
+
+def to_device(x):
+    if device_type == "cuda":  # pinned memory lets the copy overlap with compute
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
+
+
+def get_batch(split, generator):
+    """batch_size random windows; the generator is the sampler's whole state."""
+    data = memmap(split)
+    ix = torch.randint(len(data) - block_size, (batch_size,), generator=generator).tolist()
+    x = torch.from_numpy(np.stack([data[i:i + block_size] for i in ix]).astype(np.int64))
+    y = torch.from_numpy(np.stack([data[i + 1:i + 1 + block_size] for i in ix]).astype(np.int64))
+    return to_device(x), to_device(y)
+
+
+# -----------------------------------------------------------------------------
+# model, optimizer, state
+vocab_size = meta["vocab_size"]
+if vocab_size > 1024:
+    vocab_size = (vocab_size + 63) // 64 * 64  # multiples of 64 make the head's matmul faster
+model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
+                  vocab_size=vocab_size, dropout=dropout, norm=norm)
+iter_num, best_val_loss, checkpoint = 0, float("inf"), None
+ckpt_path = os.path.join(out_dir, "ckpt.pt")
+if init_from == "resume" or eval_only:
+    if not os.path.exists(ckpt_path):
+        fail(f"no checkpoint at {ckpt_path}; train one first or point --out_dir at a run")
+    try:
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        saved_args = checkpoint["model_args"]
+    except Exception as e:
+        fail(f"{ckpt_path} is not a checkpoint of this project ({type(e).__name__}: {e})")
+    if checkpoint["meta"].get("tokenizer") != meta.get("tokenizer") or checkpoint["meta"]["vocab_size"] != meta["vocab_size"]:
+        fail(f"{ckpt_path} was trained on a {checkpoint['meta']['tokenizer']} vocabulary of "
+             f"{checkpoint['meta']['vocab_size']}, but dataset {dataset!r} uses {meta['tokenizer']} with "
+             f"{meta['vocab_size']}; use the checkpoint's dataset")
+    if block_size > saved_args["block_size"]:
+        fail(f"block_size {block_size} exceeds the checkpoint's {saved_args['block_size']}")
+    model_args = dict(saved_args, dropout=dropout)  # the architecture is the checkpoint's
+    iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
+
+torch.manual_seed(seed + rank)
+model = GPT(GPTConfig(**model_args))
+if checkpoint is not None:
+    model.load_state_dict(checkpoint["model"])
+elif os.path.exists(ckpt_path) and not eval_only:
+    fail(f"{out_dir} already holds a checkpoint; continue it with --init_from=resume, "
+         f"or choose another --out_dir")
+model.to(device)
+scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
+optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+# separate generators: batch sampling must not shift when dropout or evaluation draw numbers
+train_gen = torch.Generator().manual_seed(seed + rank)
+if checkpoint is not None and not eval_only:
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    if "scaler" in checkpoint:
+        scaler.load_state_dict(checkpoint["scaler"])
+    rng = checkpoint["rng"]
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    if device_type == "cuda" and rng.get("cuda") is not None:
+        torch.cuda.set_rng_state(rng["cuda"])
+    train_gen.set_state(rng["sampler"][rank] if rank < len(rng["sampler"]) else rng["sampler"][0])
+checkpoint = None  # free the memory
+
+raw_model = model
+if compile:
+    model = torch.compile(model)
+if ddp:
+    model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
+
+
+def get_lr(it):
+    """Linear warmup to learning_rate, then cosine decay to min_lr at lr_decay_iters, then flat."""
+    if not decay_lr:
+        return learning_rate
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / (warmup_iters + 1)
+    if it >= lr_decay_iters:
+        return min_lr
+    progress = (it - warmup_iters) / (lr_decay_iters - warmup_iters)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
+
+
+def all_reduce_sum(values):
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if ddp:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+@torch.no_grad()
+def estimate_loss():
+    """Mean loss over eval_iters random batches per split, the same batches at every eval, averaged over ranks."""
+    model.eval()
+    out = {}
+    for split in ("train", "val"):
+        gen = torch.Generator().manual_seed(seed + 1000 * (rank + 1))
+        total = 0.0
+        for _ in range(eval_iters):
+            x, y = get_batch(split, gen)
+            with autocast:
+                total += model(x, y)[1].item()
+        s, n = all_reduce_sum([total, eval_iters])
+        out[split] = s / n
+    model.train()
+    return out
+
+
+@torch.no_grad()
+def evaluate_split(split="val"):
+    """Loss over a whole split: consecutive non-overlapping windows, every token predicted once."""
+    model.eval()
+    data = memmap(split)
+    n_targets = len(data) - 1
+    starts = list(range(0, n_targets, block_size))[rank::world_size]
+    loss_sum, count = 0.0, 0
+    for i in range(0, len(starts), batch_size):
+        chunk = starts[i:i + batch_size]
+        lengths = [min(block_size, n_targets - s) for s in chunk]
+        x = torch.zeros(len(chunk), block_size, dtype=torch.int64)
+        y = torch.full((len(chunk), block_size), -1, dtype=torch.int64)  # -1 is ignored by the loss
+        for row, (s, n) in enumerate(zip(chunk, lengths)):
+            x[row, :n] = torch.from_numpy(data[s:s + n].astype(np.int64))
+            y[row, :n] = torch.from_numpy(data[s + 1:s + 1 + n].astype(np.int64))
+        with autocast:
+            loss = raw_model(to_device(x), to_device(y))[1]
+        loss_sum += loss.item() * sum(lengths)
+        count += sum(lengths)
+    loss_sum, count = all_reduce_sum([loss_sum, count])
+    model.train()
+    return loss_sum / count, int(count)
+
+
+def save_checkpoint(path):
+    """Write atomically: a kill mid-write leaves the previous file whole."""
+    samplers = [None] * world_size
+    if ddp:
+        dist.all_gather_object(samplers, sampler_state)
+    else:
+        samplers = [sampler_state]
+    if not master:
+        return
+    state = {
+        "model": raw_model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "model_args": model_args,
+        "iter_num": iter_num,
+        "best_val_loss": best_val_loss,
+        "config": config,
+        "meta": meta,
+        "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state() if device_type == "cuda" else None, "sampler": samplers},
+    }
+    if scaler.is_enabled():
+        state["scaler"] = scaler.state_dict()
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        fail(f"could not write {path} ({e.strerror}); the previous checkpoint is intact. "
+             f"Free disk space or choose a writable --out_dir, then resume")
+
+
+def write_json(name, obj):
+    tmp = os.path.join(out_dir, name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, os.path.join(out_dir, name))
+
+
+def final_evaluation():
+    val_loss, n = evaluate_split("val")
+    result = {"val_loss": val_loss, "perplexity": math.exp(val_loss), "tokens": n, "iter_num": iter_num,
+              "dataset": dataset, "checkpoint": ckpt_path, "config": config}
+    if master:
+        write_json("eval.json", result)
+    log(f"full validation split: loss {val_loss:.4f}, perplexity {math.exp(val_loss):.2f} over {n:,} tokens "
+        f"-> {os.path.join(out_dir, 'eval.json')}")
+
+
+if eval_only:
+    final_evaluation()
+    sys.exit(0)
+
+# -----------------------------------------------------------------------------
+# training loop
+if master:
+    os.makedirs(out_dir, exist_ok=True)
+    if wandb_log:
+        import wandb
+        if not os.environ.get("WANDB_API_KEY") and not os.environ.get("WANDB_MODE"):
+            os.environ["WANDB_MODE"] = "offline"
+            log(f"wandb: no API key, logging offline; upload later with: wandb sync {out_dir}/wandb/offline-run-*")
+        wandb.init(project=wandb_project, name=wandb_run_name or os.path.basename(out_dir.rstrip("/")),
+                   config=config, dir=out_dir)
+
+stop_signal = None
+
+
+def request_stop(signum, frame):
+    global stop_signal
+    stop_signal = signal.Signals(signum).name
+
+
+signal.signal(signal.SIGINT, request_stop)
+signal.signal(signal.SIGTERM, request_stop)
+
+log(f"{raw_model.num_params() / 1e6:.2f}M parameters | {device} {dtype}{' compiled' if compile else ''} | "
+    f"{tokens_per_iter:,} tokens/iter | {world_size} process(es) | from iter {iter_num}")
+# the sampler state saved in a checkpoint is the one before the prefetched batch, so a resumed
+# run draws that same batch again
+sampler_state = train_gen.get_state()
+x, y = get_batch("train", train_gen)
+t0 = time.time()
+window_start, window_iters = time.time(), 0
+while iter_num < max_iters:
+    lr = get_lr(iter_num)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+    for micro_step in range(gradient_accumulation_steps):
+        sync = micro_step == gradient_accumulation_steps - 1
+        with (model.no_sync() if ddp and not sync else nullcontext()), autocast:
+            _, loss = model(x, y)
+            loss = loss / gradient_accumulation_steps
+        sampler_state = train_gen.get_state()
+        x, y = get_batch("train", train_gen)  # read the next batch before this backward runs
+        scaler.scale(loss).backward()
+    if grad_clip > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    iter_num += 1
+    window_iters += 1
+
+    lossf = loss.item() * gradient_accumulation_steps
+    if not math.isfinite(lossf):
+        fail(f"loss became {lossf} at iteration {iter_num}; training stopped and {ckpt_path} from "
+             f"the last eval is untouched. Lower learning_rate or raise warmup_iters, then resume")
+    record = None
+    if iter_num % log_interval == 0 or iter_num == max_iters:
+        dt = (time.time() - window_start) / window_iters
+        tokens_per_s = tokens_per_iter / dt
+        eta = (max_iters - iter_num) * dt
+        log(f"iter {iter_num}/{max_iters} | loss {lossf:.4f} | lr {lr:.2e} | {dt * 1000:.0f} ms/iter | "
+            f"{tokens_per_s:,.0f} tok/s | eta {eta / 60:.1f} min")
+        record = {"iter": iter_num, "tokens": iter_num * tokens_per_iter, "loss": lossf, "lr": lr,
+                  "ms_per_iter": dt * 1000, "tokens_per_s": tokens_per_s}
+        window_start, window_iters = time.time(), 0
+
+    if iter_num % eval_interval == 0 or iter_num == max_iters or stop_signal:
+        losses = estimate_loss()
+        log(f"eval at iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+        record = dict(record or {"iter": iter_num, "tokens": iter_num * tokens_per_iter},
+                      train_loss=losses["train"], val_loss=losses["val"])
+        improved = losses["val"] < best_val_loss
+        best_val_loss = min(best_val_loss, losses["val"])
+        if improved:
+            save_checkpoint(os.path.join(out_dir, "best.pt"))
+        if improved or always_save_checkpoint or iter_num == max_iters or stop_signal:
+            save_checkpoint(ckpt_path)
+        window_start, window_iters = time.time(), 0  # evaluation time is not training time
+
+    if record is not None and master:
+        with open(os.path.join(out_dir, "log.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if wandb_log:
+            wandb.log(record, step=iter_num)
+    if stop_signal:
+        log(f"{stop_signal} received: saved {ckpt_path} at iteration {iter_num}. Continue with: "
+            f"python train.py {' '.join(sys.argv[1:])} --init_from=resume")
+        break
+
+if final_eval and not stop_signal and max_iters > 0:
+    final_evaluation()
+log(f"done in {(time.time() - t0) / 60:.1f} min; best val loss {best_val_loss:.4f}")
+if ddp:
+    dist.destroy_process_group()
