@@ -125,3 +125,22 @@ def resolve_dtype(dtype, device):
     if device.startswith("cuda"):
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
     return "bfloat16" if device == "cpu" and cpu_has_fast_bf16() else "float32"
+
+
+def script_defaults(path):
+    """The config defaults a script declares: its top-level literal assignments before it calls configure.
+    Lets bench.py accept the same config files and keys as train.py without a second copy of them."""
+    import ast
+    with open(path) as f:
+        tree = ast.parse(f.read(), path)
+    defaults = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Call) and \
+                getattr(node.value.func, "id", "") == "configure":
+            break
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            try:
+                defaults[node.targets[0].id] = ast.literal_eval(node.value)
+            except ValueError:
+                pass  # computed values are not config
+    return defaults_from(defaults)

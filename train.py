@@ -271,9 +271,11 @@ def evaluate_split(split="val"):
     data = memmap(split)
     n_targets = len(data) - 1
     starts = list(range(0, n_targets, block_size))[rank::world_size]
+    # without gradients there is room for more rows: up to 64, while the logits stay under 2**27 floats
+    rows = max(batch_size, min(64, 2 ** 27 // (block_size * raw_model.config.vocab_size)))
     loss_sum, count = 0.0, 0
-    for i in range(0, len(starts), batch_size):
-        chunk = starts[i:i + batch_size]
+    for i in range(0, len(starts), rows):
+        chunk = starts[i:i + rows]
         lengths = [min(block_size, n_targets - s) for s in chunk]
         x = torch.zeros(len(chunk), block_size, dtype=torch.int64)
         y = torch.full((len(chunk), block_size), -1, dtype=torch.int64)  # -1 is ignored by the loss

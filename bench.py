@@ -1,0 +1,207 @@
+"""
+Measure training speed, honestly: warm up, time real optimizer steps, and compare
+with the peak matmul rate measured on this device in the same run.
+
+    python bench.py                                    # train.py's defaults, shakespeare_char
+    python bench.py config/train_gpt2.py --batch_size=4 --iters=5
+    python bench.py --compare                          # fp32 eager reference, then this setting
+    python bench.py --sample                           # generation with and without the KV cache
+    python bench.py --profile                          # torch.profiler trace of a few steps
+
+It takes the same config files and --key=value overrides as train.py. Nothing here passes or fails.
+"""
+import json
+import os
+import resource
+import sys
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+
+from configurator import configure, fail, resolve_device, resolve_dtype, script_defaults
+from model import GPT, GPTConfig
+
+BENCH_DEFAULTS = dict(
+    iters=20,  # timed optimizer steps
+    warmup=5,  # untimed steps first (compilation, allocator, caches)
+    compare=False,  # also run the fp32 eager reference and print the speed-up
+    sample=False,  # time generation of sample_tokens with and without the KV cache
+    sample_tokens=500,
+    profile=False,  # write a torch.profiler trace to bench_trace.json
+    synthetic=False,  # random tokens instead of the prepared dataset
+)
+
+
+def sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def measure_peak_flops(device, dtype):
+    """Best FLOP/s of a square matmul in dtype on device, the size doubled until one takes 50 ms."""
+    ptdtype = getattr(torch, dtype)
+    best, n = 0.0, 256
+    while True:
+        a = torch.randn(n, n, device=device, dtype=ptdtype)
+        b = torch.randn(n, n, device=device, dtype=ptdtype)
+        a @ b
+        sync(device)
+        times = []
+        for _ in range(3):
+            t = time.perf_counter()
+            a @ b
+            sync(device)
+            times.append(time.perf_counter() - t)
+        best = max(best, 2 * n ** 3 / min(times))
+        if min(times) > 0.05 or n >= (8192 if device.startswith("cuda") else 4096):
+            return best
+        n *= 2
+
+
+def peak_memory_mb(device):
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def batches(cfg, vocab_size, device, n=8):
+    """A few fixed batches: from the prepared dataset's train split, or random tokens."""
+    gen = torch.Generator().manual_seed(cfg["seed"])
+    B, T = cfg["batch_size"], cfg["block_size"]
+    if cfg["synthetic"]:
+        data = torch.randint(vocab_size, (n * B * (T + 1),), generator=gen).numpy()
+    else:
+        with open(os.path.join("data", cfg["dataset"], "meta.json")) as f:
+            data = np.memmap(os.path.join("data", cfg["dataset"], "train.bin"), dtype=json.load(f)["dtype"], mode="r")
+    out = []
+    for _ in range(n):
+        ix = torch.randint(len(data) - T - 1, (B,), generator=gen).tolist()
+        x = torch.from_numpy(np.stack([data[i:i + T] for i in ix]).astype(np.int64)).to(device)
+        y = torch.from_numpy(np.stack([data[i + 1:i + 1 + T] for i in ix]).astype(np.int64)).to(device)
+        out.append((x, y))
+    return out
+
+
+def bench_training(cfg, vocab_size, device, dtype, compiled, peak):
+    torch.manual_seed(cfg["seed"])
+    device_type = device.split(":")[0]
+    model = GPT(GPTConfig(n_layer=cfg["n_layer"], n_head=cfg["n_head"], n_embd=cfg["n_embd"],
+                          block_size=cfg["block_size"], vocab_size=vocab_size, bias=cfg["bias"],
+                          dropout=cfg["dropout"], norm=cfg["norm"])).to(device)
+    optimizer = model.configure_optimizers(cfg["weight_decay"], cfg["learning_rate"], (cfg["beta1"], cfg["beta2"]),
+                                           device_type)
+    scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
+    autocast = nullcontext() if dtype == "float32" else torch.autocast(device_type, dtype=getattr(torch, dtype))
+    step_model = torch.compile(model) if compiled else model
+    data = batches(cfg, vocab_size, device)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def step(i):
+        for micro in range(cfg["gradient_accumulation_steps"]):
+            x, y = data[(i * cfg["gradient_accumulation_steps"] + micro) % len(data)]
+            with autocast:
+                loss = step_model(x, y)[1] / cfg["gradient_accumulation_steps"]
+            scaler.scale(loss).backward()
+        if cfg["grad_clip"] > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    for i in range(cfg["warmup"]):
+        step(i)
+    sync(device)
+    t = time.perf_counter()
+    for i in range(cfg["iters"]):
+        loss = step(i)
+    loss.item()
+    sync(device)
+    dt = (time.perf_counter() - t) / cfg["iters"]
+    tokens_per_s = cfg["gradient_accumulation_steps"] * cfg["batch_size"] * cfg["block_size"] / dt
+    row = dict(dtype=dtype, compile=compiled, ms_per_iter=dt * 1000, tokens_per_s=tokens_per_s,
+               mfu=model.estimate_mfu(tokens_per_s, peak), peak_mb=peak_memory_mb(device))
+    if cfg["profile"]:
+        from torch.profiler import ProfilerActivity, profile
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device_type == "cuda" else [])
+        with profile(activities=activities) as prof:
+            for i in range(3):
+                step(i)
+            sync(device)
+        prof.export_chrome_trace("bench_trace.json")
+        print(prof.key_averages().table(sort_by=f"{'cuda' if device_type == 'cuda' else 'cpu'}_time_total",
+                                        row_limit=15))
+        print("trace written to bench_trace.json (open in chrome://tracing or https://ui.perfetto.dev)")
+    return model, row
+
+
+def bench_sampling(model, cfg, device, dtype):
+    """Seconds to the first token and tokens/s for sample_tokens greedy tokens, cached and recomputed."""
+    model.eval()
+    device_type = device.split(":")[0]
+    autocast = nullcontext() if dtype == "float32" else torch.autocast(device_type, dtype=getattr(torch, dtype))
+    prompt = torch.zeros((1, 1), dtype=torch.long, device=device)
+    results = {}
+    for use_cache in (True, False):
+        with autocast:
+            sync(device)
+            t = time.perf_counter()
+            model.generate(prompt, 1, temperature=0, use_cache=use_cache)
+            sync(device)
+            first = time.perf_counter() - t
+            t = time.perf_counter()
+            out = model.generate(prompt, cfg["sample_tokens"], temperature=0, use_cache=use_cache)
+            sync(device)
+            total = time.perf_counter() - t
+        results[use_cache] = out
+        print(f"sampling {'with' if use_cache else 'without'} KV cache: first token {first * 1000:.1f} ms, "
+              f"{cfg['sample_tokens'] / total:,.0f} tokens/s ({cfg['sample_tokens']} tokens in {total:.2f} s)")
+    same = torch.equal(results[True], results[False])
+    print(f"greedy output with cache {'equals' if same else 'DIFFERS FROM'} recomputation")
+
+
+if __name__ == "__main__":
+    train_script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
+    cfg = configure({**script_defaults(train_script), **BENCH_DEFAULTS}, sys.argv[1:])
+    device = resolve_device(cfg["device"])
+    dtype = resolve_dtype(cfg["dtype"], device)
+    if cfg["n_embd"] % cfg["n_head"]:
+        fail(f"n_embd ({cfg['n_embd']}) must be divisible by n_head ({cfg['n_head']})")
+    if cfg["iters"] < 1 or cfg["warmup"] < 0 or cfg["batch_size"] < 1 or cfg["block_size"] < 1:
+        fail("iters, batch_size and block_size must be at least 1, and warmup not negative")
+    if cfg["synthetic"]:
+        vocab_size = 50304
+    else:
+        meta_path = os.path.join("data", cfg["dataset"], "meta.json")
+        if not os.path.exists(meta_path):
+            fail(f"dataset {cfg['dataset']!r} is not prepared ({meta_path} is missing); run prepare.py "
+                 f"or pass --synthetic=True")
+        with open(meta_path) as f:
+            vocab_size = json.load(f)["vocab_size"]
+        vocab_size = (vocab_size + 63) // 64 * 64 if vocab_size > 1024 else vocab_size
+    torch.backends.cuda.matmul.allow_tf32 = True
+
+    runs = ([("float32", False)] if cfg["compare"] else []) + [(dtype, cfg["compile"])]
+    peaks = {d: measure_peak_flops(device, d) for d in {d for d, _ in runs}}
+    for d, p in peaks.items():
+        print(f"measured peak on {device}: {p / 1e12:.3f} TFLOP/s ({d} matmul)")
+    rows = []
+    for run_dtype, compiled in runs:
+        model, row = bench_training(cfg, vocab_size, device, run_dtype, compiled, peaks[run_dtype])
+        rows.append(row)
+    name = " ".join(a for a in sys.argv[1:] if not a.startswith("--")) or "train.py defaults"
+    print(f"\nconfig: {name} | {cfg['n_layer']}L {cfg['n_head']}H {cfg['n_embd']}d, context {cfg['block_size']}, "
+          f"batch {cfg['batch_size']}x{cfg['gradient_accumulation_steps']}, vocab {vocab_size}, "
+          f"{model.num_params() / 1e6:.2f}M params, {model.flops_per_token() / 1e6:.1f} MFLOP/token")
+    print(f"{'dtype':<10}{'compile':<9}{'ms/iter':>9}{'tokens/s':>11}{'MFU':>7}{'peak MB':>9}")
+    for r in rows:
+        print(f"{r['dtype']:<10}{str(r['compile']):<9}{r['ms_per_iter']:>9.1f}{r['tokens_per_s']:>11,.0f}"
+              f"{r['mfu']:>7.1%}{r['peak_mb']:>9,.0f}")
+    if cfg["compare"]:
+        print(f"speed-up over fp32 eager: {rows[0]['ms_per_iter'] / rows[-1]['ms_per_iter']:.2f}x")
+    if cfg["sample"]:
+        bench_sampling(model, cfg, device, dtype)

@@ -1,0 +1,272 @@
+"""configurator.configure and the scripts' handling of bad command lines."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+import configurator
+from configurator import configure, resolve_device, resolve_dtype
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+
+DEFAULTS = {
+    "batch_size": 12,
+    "block_size": 256,
+    "learning_rate": 6e-4,
+    "device": "auto",
+    "out_dir": "checkpoint/run",
+    "compile": False,
+    "dropout": 0.0,
+}
+
+
+def bad(argv, capsys, defaults=DEFAULTS):
+    """Run configure on argv expecting fail(): exit status 2 and one 'error: ...' line on stderr."""
+    with pytest.raises(SystemExit) as exc:
+        configure(defaults, argv)
+    assert exc.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = [l for l in captured.err.splitlines() if l.strip()]
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("error: ")
+    assert "Traceback" not in captured.err
+    return lines[0]
+
+
+# --------------------------------------------------------------------------- good input
+
+def test_no_arguments_returns_a_copy_of_the_defaults():
+    config = configure(DEFAULTS, [])
+    assert config == DEFAULTS
+    config["batch_size"] = 99
+    assert DEFAULTS["batch_size"] == 12
+
+
+def test_config_file_then_overrides_left_to_right(tmp_path):
+    cfg = tmp_path / "cfg.py"
+    cfg.write_text(
+        "import math\n"
+        "_helper = 7\n"
+        "def twice(x):\n    return 2 * x\n"
+        "batch_size = twice(16)\n"
+        "learning_rate = 1e-3\n"
+        "device = 'cpu'\n"
+    )
+    config = configure(DEFAULTS, [str(cfg)])
+    assert config["batch_size"] == 32
+    assert config["learning_rate"] == 1e-3
+    assert config["device"] == "cpu"
+    assert "math" not in config and "twice" not in config and "_helper" not in config
+
+    # an override after the file wins; a later override wins over an earlier one
+    config = configure(DEFAULTS, [str(cfg), "--batch_size=8", "--batch_size=4"])
+    assert config["batch_size"] == 4
+    # a file after an override wins over it
+    config = configure(DEFAULTS, ["--batch_size=8", str(cfg)])
+    assert config["batch_size"] == 32
+    assert set(config) == set(DEFAULTS)
+
+
+def test_int_is_accepted_for_a_float_default():
+    config = configure(DEFAULTS, ["--learning_rate=1", "--dropout=0"])
+    assert config["learning_rate"] == 1.0 and type(config["learning_rate"]) is float
+    assert config["dropout"] == 0.0 and type(config["dropout"]) is float
+
+
+def test_int_in_config_file_becomes_float(tmp_path):
+    cfg = tmp_path / "cfg.py"
+    cfg.write_text("learning_rate = 2\n")
+    config = configure(DEFAULTS, [str(cfg)])
+    assert config["learning_rate"] == 2.0 and type(config["learning_rate"]) is float
+
+
+def test_float_value():
+    assert configure(DEFAULTS, ["--learning_rate=3e-4"])["learning_rate"] == 3e-4
+
+
+def test_bare_word_is_a_string():
+    assert configure(DEFAULTS, ["--device=cpu"])["device"] == "cpu"
+    assert configure(DEFAULTS, ["--device='cuda:0'"])["device"] == "cuda:0"
+    assert configure(DEFAULTS, ["--out_dir=checkpoint/x y"])["out_dir"] == "checkpoint/x y"
+
+
+def test_number_for_a_string_key_stays_the_string():
+    config = configure(DEFAULTS, ["--out_dir=123"])
+    assert config["out_dir"] == "123" and type(config["out_dir"]) is str
+    assert configure(DEFAULTS, ["--out_dir=1.5"])["out_dir"] == "1.5"
+    assert configure(DEFAULTS, ["--out_dir=True"])["out_dir"] == "True"
+
+
+def test_bools():
+    assert configure(DEFAULTS, ["--compile=True"])["compile"] is True
+    assert configure({**DEFAULTS, "compile": True}, ["--compile=False"])["compile"] is False
+
+
+def test_value_may_contain_equals_sign():
+    assert configure(DEFAULTS, ["--out_dir=a=b"])["out_dir"] == "a=b"
+
+
+# --------------------------------------------------------------------------- bad input
+
+def test_unknown_key_suggests_the_closest(capsys):
+    line = bad(["--batch_sise=3"], capsys)
+    assert "batch_sise" in line
+    assert "did you mean" in line and "batch_size" in line
+
+
+def test_unknown_key_far_from_everything_lists_valid_keys(capsys):
+    line = bad(["--zzzzzzzz=3"], capsys)
+    assert "zzzzzzzz" in line
+    for key in DEFAULTS:
+        assert key in line
+
+
+def test_float_for_int_key_fails(capsys):
+    line = bad(["--batch_size=3.5"], capsys)
+    assert "batch_size" in line and "int" in line and "3.5" in line
+
+
+def test_int_for_bool_key_fails(capsys):
+    line = bad(["--compile=1"], capsys)
+    assert "compile" in line and "bool" in line
+
+
+def test_bool_for_int_key_fails(capsys):
+    line = bad(["--batch_size=True"], capsys)
+    assert "batch_size" in line
+
+
+def test_bare_word_for_number_fails(capsys):
+    line = bad(["--learning_rate=fast"], capsys)
+    assert "learning_rate" in line and "float" in line and "fast" in line
+
+
+def test_malformed_argument_without_equals(capsys):
+    line = bad(["--batch_size"], capsys)
+    assert "--batch_size" in line and "--key=value" in line
+
+
+def test_malformed_argument_without_key(capsys):
+    line = bad(["--=3"], capsys)
+    assert "malformed" in line
+
+
+def test_missing_config_file(tmp_path, capsys):
+    missing = str(tmp_path / "nope.py")
+    line = bad([missing], capsys)
+    assert missing in line and "not found" in line
+
+
+def test_config_file_that_raises(tmp_path, capsys):
+    cfg = tmp_path / "boom.py"
+    cfg.write_text("batch_size = 4\nx = 1 / 0\n")
+    line = bad([str(cfg)], capsys)
+    assert str(cfg) in line and "ZeroDivisionError" in line
+
+
+def test_config_file_with_syntax_error(tmp_path, capsys):
+    cfg = tmp_path / "broken.py"
+    cfg.write_text("batch_size = = 4\n")
+    line = bad([str(cfg)], capsys)
+    assert "SyntaxError" in line
+
+
+def test_unknown_key_in_config_file(tmp_path, capsys):
+    cfg = tmp_path / "cfg.py"
+    cfg.write_text("batch_size = 4\nbatch_sise = 3\n")
+    line = bad([str(cfg)], capsys)
+    assert str(cfg) in line and "batch_sise" in line and "batch_size" in line
+
+
+def test_wrong_type_in_config_file(tmp_path, capsys):
+    cfg = tmp_path / "cfg.py"
+    cfg.write_text("compile = 'yes'\n")
+    line = bad([str(cfg)], capsys)
+    assert str(cfg) in line and "compile" in line and "bool" in line
+
+
+# --------------------------------------------------------------------------- devices and dtypes
+
+def test_resolve_dtype():
+    assert resolve_dtype("float32", "cpu") == "float32"
+    assert resolve_dtype("bfloat16", "cpu") == "bfloat16"
+    assert resolve_dtype("auto", "cpu") in ("float32", "bfloat16")
+
+
+def test_resolve_dtype_bogus_fails(capsys):
+    with pytest.raises(SystemExit) as exc:
+        resolve_dtype("bogus", "cpu")
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "bogus" in err and len(err.strip().splitlines()) == 1
+
+
+def test_resolve_device_cpu_and_unknown(capsys):
+    assert resolve_device("cpu") == "cpu"
+    assert resolve_device("auto") in ("cpu", "cuda")
+    with pytest.raises(SystemExit) as exc:
+        resolve_device("tpu")
+    assert exc.value.code == 2
+    assert "tpu" in capsys.readouterr().err
+
+
+def test_resolve_device_cuda_without_cuda_fails(capsys):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    with pytest.raises(SystemExit) as exc:
+        resolve_device("cuda")
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "CUDA is not available" in err and "--device=cpu" in err
+
+
+# --------------------------------------------------------------------------- scripts as subprocesses
+
+def run_script(script, args, cwd):
+    return subprocess.run([sys.executable, os.path.join(REPO, script), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=120)
+
+
+def assert_one_error_line(proc):
+    assert proc.returncode != 0
+    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error:")
+    assert "Traceback" not in proc.stderr
+    return lines[0]
+
+
+def test_train_unknown_key(tmp_path):
+    proc = run_script("train.py", ["--batch_sise=3"], tmp_path)
+    line = assert_one_error_line(proc)
+    assert proc.returncode == 2
+    assert "batch_sise" in line and "batch_size" in line
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_prepare_bad_value(tmp_path):
+    proc = run_script("prepare.py", ["--tokenizer=nope"], tmp_path)
+    line = assert_one_error_line(proc)
+    assert proc.returncode == 2
+    assert "nope" in line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sample_wrong_type(tmp_path):
+    proc = run_script("sample.py", ["--temperature=hot"], tmp_path)
+    line = assert_one_error_line(proc)
+    assert proc.returncode == 2
+    assert "temperature" in line and "float" in line and "hot" in line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bench_out_of_range():
+    # bench.py reads train.py's defaults by the relative path "train.py", so it only runs with the
+    # repository as working directory; --iters=0 fails before anything is measured or written.
+    proc = run_script("bench.py", ["--iters=0"], REPO)
+    line = assert_one_error_line(proc)
+    assert proc.returncode == 2
+    assert "iters" in line

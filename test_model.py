@@ -1,0 +1,148 @@
+import math
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from model import GPT, GPTConfig, sample_next
+
+
+def tiny(**kw):
+    torch.manual_seed(0)
+    args = dict(block_size=32, vocab_size=61, n_layer=2, n_head=4, n_embd=32, dropout=0.0, bias=True)
+    args.update(kw)
+    return GPT(GPTConfig(**args)).eval()
+
+
+@pytest.mark.parametrize("norm", ["layernorm", "rmsnorm"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_shapes_and_loss(norm, bias):
+    model = tiny(norm=norm, bias=bias)
+    x = torch.randint(61, (3, 16))
+    logits, loss = model(x, x)
+    assert logits.shape == (3, 16, 61)
+    assert loss.shape == ()
+    logits, loss = model(x)
+    assert logits.shape == (3, 1, 61) and loss is None
+
+
+def test_init_loss_is_uniform_guess():
+    model = tiny(n_layer=4, vocab_size=500)
+    x, y = torch.randint(500, (2, 8, 32))
+    _, loss = model(x, y)
+    assert abs(loss.item() - math.log(500)) < 0.1
+
+
+def test_causality():
+    model = tiny()
+    x = torch.randint(61, (1, 20))
+    y = x.clone()
+    y[0, 12:] = (y[0, 12:] + 1) % 61  # change only later tokens
+    a, _ = model(x, x)
+    b, _ = model(y, y)
+    assert torch.allclose(a[0, :12], b[0, :12], atol=1e-6)
+    assert not torch.allclose(a[0, 12:], b[0, 12:], atol=1e-3)
+
+
+def test_sdpa_equals_explicit_masked_softmax():
+    model = tiny()
+    attn = model.transformer.h[0].attn
+    x = torch.randn(2, 10, 32)
+    B, T, C = x.shape
+    q, k, v = attn.c_attn(x).split(C, dim=2)
+    q, k, v = (t.view(B, T, 4, C // 4).transpose(1, 2) for t in (q, k, v))
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(C // 4)
+    scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+    reference = attn.c_proj((F.softmax(scores, dim=-1) @ v).transpose(1, 2).reshape(B, T, C))
+    assert torch.allclose(attn(x), reference, atol=1e-5)
+
+
+def test_tied_embedding_shares_storage():
+    model = tiny()
+    assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
+    n_unique = sum(p.numel() for p in model.parameters())
+    assert n_unique == model.num_params(non_embedding=False)
+
+
+def test_residual_projections_are_scaled():
+    model = tiny(n_layer=8, n_embd=64)
+    std = model.transformer.h[0].mlp.c_proj.weight.std().item()
+    assert abs(std - 0.02 / math.sqrt(16)) < 0.0015
+    assert abs(model.transformer.h[0].mlp.c_fc.weight.std().item() - 0.02) < 0.002
+
+
+@pytest.mark.parametrize("prompt_len,new", [(5, 20), (3, 70)])  # 70 new tokens slide past block_size 32
+def test_kv_cache_greedy_equals_recompute(prompt_len, new):
+    model = tiny()
+    x = torch.randint(61, (2, prompt_len))
+    cached = model.generate(x, new, temperature=0, use_cache=True)
+    recomputed = model.generate(x, new, temperature=0, use_cache=False)
+    assert cached.shape == (2, prompt_len + new)
+    assert torch.equal(cached, recomputed)
+
+
+def test_cached_logits_match_full_forward():
+    model = tiny()
+    x = torch.randint(61, (1, 12))
+    cache = model.new_cache(1, "cpu", torch.float32)
+    model(x[:, :8], cache=cache, pos=0)
+    for i in range(8, 12):
+        step, _ = model(x[:, i:i + 1], cache=cache, pos=i)
+        full, _ = model(x[:, :i + 1])
+        assert torch.allclose(step, full, atol=1e-5)
+
+
+def test_generation_stops_at_end_of_text():
+    model = tiny()
+    prompt = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    free = model.generate(prompt, 10, temperature=0)
+    eot = free[0, 3].item()  # make row 0's first new token the end-of-text token
+    out = model.generate(prompt, 10, temperature=0, eot_token=eot)
+    assert out[0, 3].item() == eot
+    assert (out[0, 3:] == eot).all()  # a finished row only repeats end-of-text
+    row1 = free[1, 3:].tolist()
+    ends = row1.index(eot) + 1 if eot in row1 else 10
+    assert out.shape[1] == 3 + ends  # generation stops once every row has ended
+    assert torch.equal(out[1], free[1, :3 + ends])
+
+
+def test_sampling_filters():
+    torch.manual_seed(0)
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0, 4.0]])
+    draws = torch.cat([sample_next(logits, 1.0, 2, 1.0) for _ in range(200)])
+    assert set(draws.flatten().tolist()) <= {3, 4}
+    # probabilities of 4 and 3 are about 0.64 and 0.24: top_p 0.5 keeps only token 4
+    draws = torch.cat([sample_next(logits, 1.0, 0, 0.5) for _ in range(50)])
+    assert set(draws.flatten().tolist()) == {4}
+    draws = torch.cat([sample_next(logits, 1.0, 0, 0.8) for _ in range(200)])
+    assert set(draws.flatten().tolist()) == {3, 4}
+    assert sample_next(logits, 0, 0, 1.0).item() == 4
+
+
+def test_overfits_one_batch():
+    model = tiny().train()
+    x = torch.randint(61, (4, 32))
+    y = torch.roll(x, -1, dims=1)
+    opt = model.configure_optimizers(0.0, 3e-3, (0.9, 0.95), "cpu")
+    for _ in range(150):
+        _, loss = model(x, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.1
+
+
+def test_optimizer_decays_only_matrices():
+    model = tiny()
+    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_mfu_uses_flops_per_token():
+    model = tiny()
+    per_token = model.flops_per_token()
+    assert per_token == 6 * model.num_params() + 12 * 2 * 32 * 32
+    assert model.estimate_mfu(1000, per_token * 4000) == pytest.approx(0.25)

@@ -1,0 +1,122 @@
+"""End to end: prepare, train, resume, evaluate and sample, each as the real script in a scratch folder."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+TINY = ["--dataset=shakespeare_char", "--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32",
+        "--batch_size=4", "--eval_interval=10", "--eval_iters=2", "--log_interval=1", "--warmup_iters=5",
+        "--lr_decay_iters=15", "--learning_rate=1e-3", "--min_lr=1e-4", "--device=cpu"]
+
+
+def run(script, *args, cwd, check=True):
+    p = subprocess.run([sys.executable, os.path.join(REPO, script), *args], cwd=cwd,
+                       capture_output=True, text=True, timeout=300)
+    if check:
+        assert p.returncode == 0, p.stderr
+    return p
+
+
+def read_log(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("run")
+    run("prepare.py", "--tokenizer=char", "--num_proc=1", cwd=d)
+    run("train.py", *TINY, "--max_iters=20", "--out_dir=ck", cwd=d)
+    return d
+
+
+def test_training_writes_checkpoint_log_and_eval(workdir):
+    ckpt = torch.load(workdir / "ck" / "ckpt.pt", weights_only=False)
+    assert ckpt["iter_num"] == 20
+    assert ckpt["meta"]["tokenizer"] == "char" and ckpt["model_args"]["n_layer"] == 1
+    assert (workdir / "ck" / "best.pt").exists()
+    log = read_log(workdir / "ck" / "log.jsonl")
+    assert [r["iter"] for r in log] == list(range(1, 21))
+    assert log[-1]["loss"] < log[0]["loss"]
+    evaluation = json.loads((workdir / "ck" / "eval.json").read_text())
+    meta = json.loads((workdir / "data" / "shakespeare_char" / "meta.json").read_text())
+    assert evaluation["tokens"] == meta["val_tokens"] - 1  # every val token after the first is predicted once
+    assert evaluation["perplexity"] == pytest.approx(math.exp(evaluation["val_loss"]))
+
+
+def test_lr_schedule_warmup_peak_and_end(workdir):
+    lr = {r["iter"]: r["lr"] for r in read_log(workdir / "ck" / "log.jsonl")}
+    # the log line for iteration i+1 shows the rate used by step i
+    assert lr[1] == pytest.approx(1e-3 * 1 / 6)  # warmup: (it+1)/(warmup+1)
+    assert lr[5] == pytest.approx(1e-3 * 5 / 6)
+    assert lr[6] == pytest.approx(1e-3)  # peak at the end of warmup
+    assert lr[11] == pytest.approx(1e-4 + 0.5 * (1 + math.cos(math.pi * 0.5)) * 9e-4)  # half way down
+    assert lr[16] == pytest.approx(1e-4) and lr[20] == pytest.approx(1e-4)  # min_lr after lr_decay_iters
+
+
+def test_resume_continues_exactly(workdir):
+    run("train.py", *TINY, "--max_iters=30", "--out_dir=ck", "--init_from=resume", cwd=workdir)
+    run("train.py", *TINY, "--max_iters=30", "--out_dir=straight", cwd=workdir)
+    resumed = read_log(workdir / "ck" / "log.jsonl")
+    straight = read_log(workdir / "straight" / "log.jsonl")
+    assert [r["iter"] for r in resumed] == list(range(1, 31))
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in straight]  # bit for bit
+    a = torch.load(workdir / "ck" / "ckpt.pt", weights_only=False)["model"]
+    b = torch.load(workdir / "straight" / "ckpt.pt", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sample_from_checkpoint(workdir):
+    p = run("sample.py", "--out_dir=ck", "--start=ROMEO:", "--num_samples=2", "--max_new_tokens=40", cwd=workdir)
+    samples = p.stdout.split("---------------\n")
+    assert len(samples) == 3 and all(s.startswith("ROMEO:") for s in samples[:2])
+    again = run("sample.py", "--out_dir=ck", "--start=ROMEO:", "--num_samples=2", "--max_new_tokens=40", cwd=workdir)
+    assert again.stdout == p.stdout  # seeded
+    (workdir / "prompt.txt").write_text("JULIET:\n")
+    p = run("sample.py", "--out_dir=ck", "--start=FILE:prompt.txt", "--num_samples=1", "--max_new_tokens=5",
+            cwd=workdir)
+    assert p.stdout.startswith("JULIET:\n")
+
+
+def test_eval_only_writes_full_split_evaluation(workdir):
+    os.remove(workdir / "ck" / "eval.json")
+    p = run("train.py", *TINY, "--out_dir=ck", "--eval_only=True", cwd=workdir)
+    assert "full validation split" in p.stdout
+    assert json.loads((workdir / "ck" / "eval.json").read_text())["iter_num"] >= 20
+
+
+def test_bench_smoke(workdir):
+    p = run("bench.py", *TINY, "--iters=2", "--warmup=1", "--sample=True", "--sample_tokens=40", cwd=workdir)
+    assert "tokens/s" in p.stdout and "MFU" in p.stdout
+    assert "greedy output with cache equals recomputation" in p.stdout
+
+
+def files_under(d):
+    return {os.path.join(r, f): os.path.getmtime(os.path.join(r, f)) for r, _, fs in os.walk(d) for f in fs}
+
+
+@pytest.mark.parametrize("script,args,needle", [
+    ("train.py", ["--dataset=nothing_here"], "python prepare.py"),
+    ("train.py", [*TINY, "--block_size=9999999"], "block_size"),
+    ("train.py", [*TINY, "--out_dir=ck"], "--init_from=resume"),  # would overwrite a run
+    ("train.py", [*TINY, "--out_dir=empty", "--init_from=resume"], "no checkpoint"),
+    ("train.py", [*TINY, "--out_dir=ck", "--init_from=resume", "--dataset=shakespeare_gpt2_like"], "not found"),
+    ("sample.py", ["--out_dir=ck", "--start="], "empty"),
+    ("sample.py", ["--out_dir=ck", "--start=日本"], "not in this dataset"),
+    ("sample.py", ["--out_dir=nowhere"], "no checkpoint"),
+    ("sample.py", ["--out_dir=bogus"], "not a checkpoint"),
+])
+def test_bad_input_one_clear_line(workdir, script, args, needle):
+    os.makedirs(workdir / "bogus", exist_ok=True)
+    (workdir / "bogus" / "ckpt.pt").write_bytes(b"not a checkpoint")
+    before = files_under(workdir)
+    p = run(script, *args, cwd=workdir, check=False)
+    lines = [line for line in p.stderr.splitlines() if line.strip()]
+    assert p.returncode != 0
+    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], p.stderr
+    assert files_under(workdir) == before  # nothing written or touched
