@@ -6,6 +6,8 @@ Turn a corpus into token files for training:
 
     python prepare.py                                      # Shakespeare's plays, GPT-2 tokenizer
     python prepare.py --dataset=shakespeare --tokenizer=char
+    python prepare.py --dataset=tinystories --tokenizer=bpe --vocab_size=8192   # train a BPE on the corpus
+    python prepare.py --dataset=X --tokenizer=bpe:path/to/tokenizer.tiktoken     # reuse a trained BPE
     python prepare.py --dataset=c4 --max_tokens=1_000_000_000   # streamed from the Hugging Face hub
     python prepare.py --dataset=hf:ORG/NAME --subset=CONFIG --text_field=text
     python prepare.py --dataset=path/to/file-or-folder    # .txt, .jsonl/.json(.gz), .parquet
@@ -25,6 +27,7 @@ import itertools
 import json
 import os
 import re
+import shutil
 import signal
 import sys
 import time
@@ -38,7 +41,8 @@ from configurator import configure, defaults_from, fail
 
 # -----------------------------------------------------------------------------
 dataset = "shakespeare"  # shakespeare | c4 | tinystories | openwebtext | fineweb-edu | hf:ORG/NAME | a local path
-tokenizer = "gpt2"       # gpt2 | char
+tokenizer = "gpt2"       # gpt2 | char | bpe (trained here on the training split) | bpe:PATH (a trained one)
+vocab_size = 8192        # for --tokenizer=bpe: ids in all, end-of-text included
 subset = ""              # the hub dataset's configuration name, for hf:ORG/NAME
 text_field = "text"      # the column that holds the documents (json, parquet, hub)
 mirror = ""              # a local folder holding a copy of the hub repository's files, used instead of the hub
@@ -222,13 +226,30 @@ def encode_stream(labelled_docs, files, budgets, counts, meta, eot, dtype, desc)
             pool.terminate()
 
 
+def compare_with_gpt2(t, report_bytes=20_000_000):
+    """Print bytes per token and tokens per document for t and GPT-2 on (the start of) the validation text."""
+    docs, size = [], 0
+    for _, stream in corpus()[0]:
+        for split, text in stream:
+            if split == "val" and size < report_bytes:
+                docs.append(text)
+                size += len(text.encode("utf-8"))
+    gpt2 = tok.gpt2()
+    print(f"{'validation text':<16}{'vocab':>8}{'bytes/token':>13}{'tokens/doc':>12}   ({len(docs):,} documents, {size:,} bytes)")
+    for label, enc in (("this BPE", t), ("GPT-2", gpt2)):
+        n = sum(len(ids) for ids in enc.encode_batch(docs))
+        print(f"{label:<16}{enc.vocab_size:>8,}{size / n:>13.3f}{n / len(docs):>12,.1f}")
+
+
 def output_name():
     if out:
         return out
     local = os.path.exists(dataset)
     base = os.path.basename(os.path.normpath(dataset)).split(".")[0] if local else dataset.removeprefix("hf:")
     base = re.sub(r"[^\w.-]+", "_", base)
-    return base if tokenizer == "gpt2" else f"{base}_{tokenizer}"
+    if tokenizer == "gpt2":
+        return base
+    return f"{base}_bpe{vocab_size}" if tokenizer == "bpe" else f"{base}_{tokenizer.split(':')[0]}"
 
 
 def corpus():
@@ -257,8 +278,13 @@ def corpus():
 def main():
     global val_fraction
     start = time.time()
-    if tokenizer not in ("gpt2", "char"):
-        fail(f"unknown tokenizer {tokenizer!r}; use --tokenizer=gpt2 or --tokenizer=char")
+    if tokenizer not in ("gpt2", "char", "bpe") and not tokenizer.startswith("bpe:"):
+        fail(f"unknown tokenizer {tokenizer!r}; use gpt2, char, bpe (with --vocab_size) or bpe:PATH")
+    if tokenizer == "bpe" and vocab_size < 257:
+        fail(f"vocab_size {vocab_size} is too small: a byte-level BPE needs 256 byte ids plus end-of-text, "
+             f"so at least 257")
+    if tokenizer.startswith("bpe:") and not os.path.isfile(tokenizer[4:]):
+        fail(f"tokenizer file {tokenizer[4:]} not found; train one with --tokenizer=bpe --vocab_size=N")
     if num_proc < 1 or batch_docs < 1 or max_tokens < 0 or val_tokens < 0 or not 0 <= val_fraction < 1:
         fail("need num_proc >= 1, batch_docs >= 1, max_tokens >= 0, val_tokens >= 0 and 0 <= val_fraction < 1")
     if dataset != "shakespeare" and dataset not in HUB_DATASETS and not dataset.startswith("hf:") \
@@ -274,17 +300,30 @@ def main():
         print(f"streaming {dataset}{' from ' + mirror if mirror else ''} ...", flush=True)
     passes, source = corpus()
 
+    os.makedirs(data_dir, exist_ok=True)
+    # a BPE file is staged beside the bins and moved into place with them
+    staged_bpe = os.path.join(data_dir, "tokenizer.tiktoken.tmp")
     try:
         if tokenizer == "gpt2":
             t = tok.gpt2()
-        else:  # a character vocabulary needs one extra pass over the text
+        elif tokenizer == "char":  # a character vocabulary needs one extra pass over the text
             t = tok.char(sorted(set(itertools.chain.from_iterable(
                 text for _, stream in corpus()[0] for _, text in stream))))
+        elif tokenizer == "bpe":  # trained on the training split only, streamed
+            began = time.time()
+            train_texts = (text for _, stream in corpus()[0] for split, text in stream if split == "train")
+            t = tok.train_bpe(train_texts, vocab_size, staged_bpe)
+            print(f"trained a {t.vocab_size}-id BPE on the training split in {time.time() - began:.1f} s")
+        else:
+            shutil.copyfile(tokenizer[4:], staged_bpe)
+            t = tok.bpe(staged_bpe)
     except tok.TokenizerError as e:
         fail(str(e))
+    meta_for_workers = t.meta
+    if tokenizer.startswith("bpe"):
+        t.meta = dict(t.meta, tokenizer_file="tokenizer.tiktoken")
     dtype = np.uint16 if t.vocab_size <= 2 ** 16 else np.uint32
 
-    os.makedirs(data_dir, exist_ok=True)
     tmp = {split: os.path.join(data_dir, f"{split}.bin.tmp") for split in ("train", "val")}
     counts = {"train": [0, 0], "val": [0, 0]}
     budgets = {"train": max_tokens, "val": val_tokens}
@@ -293,13 +332,13 @@ def main():
             files = {"train": train_file, "val": val_file}
             for desc, labelled in passes:
                 splits = ("train", "val") if desc == "train+val" else (desc,)
-                encode_stream(labelled, files, {s: budgets[s] for s in splits}, counts, t.meta,
+                encode_stream(labelled, files, {s: budgets[s] for s in splits}, counts, meta_for_workers,
                               t.eot_token, dtype, f"{name} {desc}")
             for f in files.values():
                 f.flush()
                 os.fsync(f.fileno())
     except BaseException as e:
-        for p in tmp.values():
+        for p in [*tmp.values(), staged_bpe]:
             if os.path.exists(p):
                 os.remove(p)
         if isinstance(e, KeyboardInterrupt):
@@ -308,8 +347,9 @@ def main():
         raise
     for split in ("train", "val"):
         if counts[split][0] == 0:
-            for p in tmp.values():
-                os.remove(p)
+            for p in [*tmp.values(), staged_bpe]:
+                if os.path.exists(p):
+                    os.remove(p)
             fail(f"the {split} split came out empty; give the corpus more text "
                  f"or a larger --val_fraction / --val_tokens")
 
@@ -319,6 +359,8 @@ def main():
         os.remove(meta_path)
     for split in ("train", "val"):
         os.replace(tmp[split], os.path.join(data_dir, f"{split}.bin"))
+    if tokenizer.startswith("bpe"):
+        os.replace(staged_bpe, os.path.join(data_dir, "tokenizer.tiktoken"))
     meta = {"format": FORMAT, **t.meta, "vocab_size": t.vocab_size, "eot_token": t.eot_token,
             "dtype": np.dtype(dtype).name,
             "train_tokens": counts["train"][0], "val_tokens": counts["val"][0],
@@ -329,6 +371,8 @@ def main():
     os.replace(meta_path + ".tmp", meta_path)
     elapsed = time.time() - start
     total = meta["train_tokens"] + meta["val_tokens"]
+    if tokenizer.startswith("bpe"):
+        compare_with_gpt2(t)
     print(f"wrote {data_dir}: {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens "
           f"({meta['train_documents']:,} + {meta['val_documents']:,} documents), vocab {t.vocab_size}, "
           f"{meta['dtype']}, in {elapsed:.1f} s ({total / max(elapsed, 1e-9):,.0f} tokens/s)")

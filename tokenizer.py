@@ -6,14 +6,19 @@ tokenizer, so prepare.py, train.py, sample.py and bench.py never guess.
   gpt2  GPT-2's byte-level BPE through tiktoken (50257 ids, <|endoftext|> = 50256)
   char  one id per character seen in the corpus, plus one id for end-of-text
   bpe   a byte-level BPE trained on the corpus, stored as a tiktoken rank file
+
+Training a BPE uses the `tokenizers` library; its result is converted to tiktoken's
+rank format, so encoding and decoding always go through tiktoken.
 """
+import base64
+import hashlib
 import importlib.util
+import json
 import os
 from dataclasses import dataclass
 from typing import Callable
 
 import tiktoken
-from tiktoken.load import load_tiktoken_bpe
 
 EOT = "<|endoftext|>"
 # GPT-2's pre-tokenisation regex: contractions, letters, digits, other symbols, whitespace
@@ -45,6 +50,13 @@ def _tiktoken(name, ranks, meta):
         meta=meta)
 
 
+def read_ranks(path):
+    """A tiktoken rank file: one `base64(token bytes) rank` per line. Read directly, because
+    tiktoken's own loader caches files by path name, so a changed file at an old path goes unseen."""
+    with open(path, "rb") as f:
+        return {base64.b64decode(token): int(rank) for token, rank in (line.split() for line in f if line.strip())}
+
+
 def gpt2_ranks_path():
     """GPT-2's rank file as shipped inside the openai-whisper package (found, never imported)."""
     spec = importlib.util.find_spec("whisper")
@@ -64,20 +76,61 @@ def gpt2():
                                  f"({type(e).__name__}); run: pip install --no-deps openai-whisper") from None
         ranks = enc._mergeable_ranks
     else:
-        ranks = load_tiktoken_bpe(path)
+        ranks = read_ranks(path)
     return _tiktoken("gpt2", ranks, {"tokenizer": "gpt2"})
 
 
-def bpe(path):
+def file_sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def bpe(path, expected_sha256=None):
     """A byte-level BPE stored in tiktoken's rank format; end-of-text follows the last rank."""
     if not os.path.exists(path):
         raise TokenizerError(f"tokenizer file {path} does not exist; train one with "
                              "prepare.py --tokenizer=bpe or give the right path")
+    digest = file_sha256(path)
+    if expected_sha256 and digest != expected_sha256:
+        raise TokenizerError(f"{path} is not the tokenizer this dataset was made with (its sha256 differs "
+                             f"from meta.json's); prepare the dataset again")
     try:
-        ranks = load_tiktoken_bpe(path)
-    except Exception as e:
-        raise TokenizerError(f"{path} is not a tiktoken rank file ({e})") from None
-    return _tiktoken(os.path.basename(path), ranks, {"tokenizer": "bpe", "tokenizer_file": os.path.basename(path)})
+        ranks = read_ranks(path)
+        assert sorted(ranks.values()) == list(range(len(ranks))) and len(ranks) >= 256
+    except Exception:
+        raise TokenizerError(f"{path} is not a tiktoken rank file (lines of base64 token and rank)") from None
+    return _tiktoken(os.path.basename(path), ranks, {"tokenizer": "bpe", "tokenizer_file": os.path.basename(path),
+                                                    "tokenizer_sha256": digest})
+
+
+def train_bpe(texts, vocab_size, path):
+    """Train a byte-level BPE of vocab_size ids (end-of-text included) on a stream of texts and
+    write it to path in tiktoken's rank format: the 256 bytes, then each merge in the order learned."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
+    if vocab_size < 257:
+        raise TokenizerError(f"vocab_size {vocab_size} is too small: a byte-level BPE needs 256 byte ids "
+                             f"plus end-of-text, so at least 257")
+    bpe_model = Tokenizer(models.BPE())
+    # GPT-2's split, then bytes shown as printable characters: the same pieces tiktoken will merge
+    bpe_model.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(GPT2_PATTERN), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - 1, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    bpe_model.train_from_iterator(texts, trainer)
+    merges = json.loads(bpe_model.to_str())["model"]["merges"]
+    # ByteLevel shows byte b as a printable character; invert that to get the raw bytes back
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    shown = {**{b: b for b in printable}, **{b: 256 + i for i, b in enumerate(sorted(set(range(256)) - set(printable)))}}
+    to_byte = {chr(c): b for b, c in shown.items()}
+    ranks = {bytes([b]): b for b in range(256)}
+    for left, right in (m.split(" ") if isinstance(m, str) else m for m in merges):
+        ranks.setdefault(bytes(to_byte[c] for c in left + right), len(ranks))
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(f"{base64.b64encode(token).decode()} {rank}\n" for token, rank in ranks.items())
+    os.replace(tmp, path)
+    return bpe(path)
 
 
 def char(chars):
@@ -109,5 +162,5 @@ def from_meta(meta, data_dir="."):
     if kind == "char":
         return char(list(meta["chars"]))
     if kind == "bpe":
-        return bpe(os.path.join(data_dir, meta["tokenizer_file"]))
+        return bpe(os.path.join(data_dir, meta["tokenizer_file"]), meta.get("tokenizer_sha256"))
     raise TokenizerError(f"unknown tokenizer {kind!r} in meta.json; expected gpt2, char or bpe")

@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import tokenizer as tok
 from configurator import configure, defaults_from, fail, resolve_device, resolve_dtype
 from model import GPT, GPTConfig
 
@@ -137,6 +138,10 @@ if not os.path.exists(meta_path):
          f"python prepare.py --dataset=... (e.g. python prepare.py --tokenizer=char for shakespeare_char)")
 with open(meta_path) as f:
     meta = json.load(f)
+try:
+    tok.from_meta(meta, data_dir)  # a BPE file must be the one the bins were made with
+except tok.TokenizerError as e:
+    fail(str(e))
 data_dtype = np.dtype(meta["dtype"])
 for split in ("train", "val"):
     path = os.path.join(data_dir, f"{split}.bin")
@@ -186,7 +191,7 @@ if init_from == "resume" or eval_only:
         saved_args = checkpoint["model_args"]
     except Exception as e:
         fail(f"{ckpt_path} is not a checkpoint of this project ({type(e).__name__}: {e})")
-    if checkpoint["meta"].get("tokenizer") != meta.get("tokenizer") or checkpoint["meta"]["vocab_size"] != meta["vocab_size"]:
+    if any(checkpoint["meta"].get(k) != meta.get(k) for k in ("tokenizer", "vocab_size", "tokenizer_sha256")):
         fail(f"{ckpt_path} was trained on a {checkpoint['meta']['tokenizer']} vocabulary of "
              f"{checkpoint['meta']['vocab_size']}, but dataset {dataset!r} uses {meta['tokenizer']} with "
              f"{meta['vocab_size']}; use the checkpoint's dataset")

@@ -1,0 +1,123 @@
+"""A byte-level BPE trained on the corpus, stored and used through tiktoken."""
+import json
+import os
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import tokenizer as tok
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+# a narrow made-up domain: words GPT-2 has never seen as units
+WORDS = ["zorblax", "quenthari", "mivvelun", "drakkenhoff", "the", "glimmered", "over", "snarvik", "and",
+         "prellotine", "was", "beneath", "kwazzle", "ostrovenka"]
+
+
+def domain_text(n_docs, seed):
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 60))) + ".\n" for _ in range(n_docs)]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("bpe") / "tokenizer.tiktoken")
+    mixed = domain_text(300, 0) + ["Unicode too: 世界 🎉 naïve café — ok\t\n", "x" * 50]
+    return tok.train_bpe(iter(mixed), 600, path), path
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=200))
+def test_round_trip_arbitrary_unicode(trained, text):
+    t, _ = trained
+    assert t.decode(t.encode(text)) == text
+
+
+@pytest.mark.parametrize("text", ["中文字符和标点。", "emoji 🎉👩‍👩‍👧 flags 🇫🇷", " \t\n\r\x0b\x0c  mixed  whitespace ",
+                                  "\x00\x01\x1f control", "zorblax quenthari<|endoftext|>mivvelun"])
+def test_round_trip_generated_set(trained, text):
+    t, _ = trained
+    assert t.decode(t.encode(text)) == text
+
+
+def test_end_of_text_is_one_special_token_never_merged(trained):
+    t, path = trained
+    # the tiny corpus runs out of pairs to merge before 600 ids; the end-of-text id is always the last
+    assert 300 < t.vocab_size <= 600 and t.eot_token == t.vocab_size - 1
+    assert t.decode([t.eot_token]) == "<|endoftext|>"
+    assert t.eot_token not in t.encode("a <|endoftext|> b")  # text that looks like it stays text
+    ranks = tok.read_ranks(path)
+    assert max(ranks.values()) == t.eot_token - 1 and b"<|endoftext|>" not in ranks
+
+
+def test_training_is_deterministic(trained, tmp_path):
+    _, path = trained
+    mixed = domain_text(300, 0) + ["Unicode too: 世界 🎉 naïve café — ok\t\n", "x" * 50]
+    tok.train_bpe(iter(mixed), 600, str(tmp_path / "again.tiktoken"))
+    assert (tmp_path / "again.tiktoken").read_bytes() == open(path, "rb").read()
+
+
+def test_file_reloads_to_the_same_encoding(trained):
+    t, path = trained
+    again = tok.bpe(path)
+    text = "".join(domain_text(20, 1))
+    assert again.encode(text) == t.encode(text) and again.vocab_size == t.vocab_size
+    assert tok.from_meta(json.loads(json.dumps(t.meta)), os.path.dirname(path)).encode(text) == t.encode(text)
+
+
+def test_compresses_in_domain_text_better_than_gpt2(trained):
+    t, _ = trained
+    held_out = "".join(domain_text(50, 2))  # same domain, unseen documents
+    assert len(t.encode(held_out)) < 0.6 * len(tok.gpt2().encode(held_out))
+
+
+def test_bad_input(tmp_path):
+    with pytest.raises(tok.TokenizerError, match="at least 257"):
+        tok.train_bpe(iter(["abc"]), 200, str(tmp_path / "x.tiktoken"))
+    with pytest.raises(tok.TokenizerError, match="does not exist"):
+        tok.bpe(str(tmp_path / "missing.tiktoken"))
+    (tmp_path / "junk.tiktoken").write_text("not base64 at all\n")
+    with pytest.raises(tok.TokenizerError, match="not a tiktoken rank file"):
+        tok.bpe(str(tmp_path / "junk.tiktoken"))
+
+
+def run(*args, cwd):
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def test_prepare_train_and_sample_with_a_trained_bpe(tmp_path):
+    p = run(os.path.join(REPO, "prepare.py"), "--tokenizer=bpe", "--vocab_size=2048", "--num_proc=1", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert "bytes/token" in p.stdout and "GPT-2" in p.stdout  # the comparison report
+    data = tmp_path / "data" / "shakespeare_bpe2048"
+    meta = json.loads((data / "meta.json").read_text())
+    assert meta["tokenizer"] == "bpe" and meta["vocab_size"] == 2048 and meta["eot_token"] == 2047
+    train = np.fromfile(data / "train.bin", dtype=np.uint16)
+    assert train.max() < 2048 and (train == 2047).sum() == meta["train_documents"]
+    t = tok.from_meta(meta, str(data))
+    assert t.decode(train[:300].tolist()).startswith(t.decode(t.encode(t.decode(train[:300].tolist()))))
+
+    # reuse the trained file for another dataset folder: same tokens
+    p = run(os.path.join(REPO, "prepare.py"), f"--tokenizer=bpe:{data / 'tokenizer.tiktoken'}", "--out=reuse",
+            "--num_proc=1", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert (tmp_path / "data" / "reuse" / "train.bin").read_bytes() == (data / "train.bin").read_bytes()
+
+    tiny = ["--dataset=shakespeare_bpe2048", "--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32",
+            "--batch_size=4", "--max_iters=5", "--eval_interval=5", "--eval_iters=1", "--out_dir=ck",
+            "--final_eval=False"]
+    p = run(os.path.join(REPO, "train.py"), *tiny, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    p = run(os.path.join(REPO, "sample.py"), "--out_dir=ck", "--start=KING:", "--max_new_tokens=20",
+            "--num_samples=1", cwd=tmp_path)
+    assert p.returncode == 0 and p.stdout.startswith("KING:"), p.stderr
+
+    # a tokenizer file that is not the dataset's own is refused before training
+    (data / "tokenizer.tiktoken").write_bytes((tmp_path / "data" / "reuse" / "tokenizer.tiktoken").read_bytes()[:-20])
+    p = run(os.path.join(REPO, "train.py"), *tiny, "--out_dir=ck2", cwd=tmp_path)
+    assert p.returncode == 2 and p.stderr.startswith("error:") and "sha256" in p.stderr
+    assert "Traceback" not in p.stderr and not (tmp_path / "ck2").exists()
