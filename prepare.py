@@ -150,8 +150,9 @@ def stream_split(load_args, split, description):
         field = "text" if load_args["path"] == "text" else text_field
         first = next(iter(ds.take(1)), None)
     except Exception as e:
-        if load_args["path"] in LOCAL_BUILDERS.values():
-            fail(f"could not read {description}: {type(e).__name__}: {str(e).splitlines()[0]}")
+        if load_args["path"] in LOCAL_BUILDERS.values() or mirror:
+            where = f"the files in --mirror={mirror}" if mirror else description
+            fail(f"could not read {where}: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}")
         fail(f"could not load {description} from the Hugging Face hub ({type(e).__name__}); without internet, "
              f"download its files and pass --mirror=FOLDER, or use local files with --dataset=PATH")
     if first is not None and field not in first:
