@@ -31,7 +31,7 @@ import shutil
 import signal
 import sys
 import time
-from multiprocessing import Pool
+from multiprocessing import get_context
 
 import numpy as np
 from tqdm import tqdm
@@ -197,7 +197,8 @@ def encode_stream(labelled_docs, files, budgets, counts, meta, eot, dtype, desc)
     data_dir = os.path.dirname(next(iter(files.values())).name)
     batches = iter(lambda: list(itertools.islice(labelled_docs, batch_docs)), [])
     if num_proc > 1:
-        pool = Pool(num_proc, _init_worker, (meta, data_dir, dtype))
+        # spawned workers import only the tokenizer, not the parent's loaded datasets and pyarrow
+        pool = get_context("spawn").Pool(num_proc, _init_worker, (meta, data_dir, dtype))
         results = pool.imap(_encode, batches)
     else:
         pool = None
