@@ -28,6 +28,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import tokenizer as tok
+from bench import measure_peak_flops
 from configurator import configure, defaults_from, fail, resolve_device, resolve_dtype
 from model import GPT, GPTConfig
 
@@ -165,13 +166,22 @@ def to_device(x):
     return x.to(device)
 
 
-def get_batch(split, generator):
-    """batch_size random windows; the generator is the sampler's whole state."""
-    data = memmap(split)
-    ix = torch.randint(len(data) - block_size, (batch_size,), generator=generator).tolist()
-    x = torch.from_numpy(np.stack([data[i:i + block_size] for i in ix]).astype(np.int64))
-    y = torch.from_numpy(np.stack([data[i + 1:i + 1 + block_size] for i in ix]).astype(np.int64))
+def windows(data, starts):
+    """Inputs and next-token targets for windows of block_size at the given start offsets."""
+    x = torch.from_numpy(np.stack([data[i:i + block_size] for i in starts]).astype(np.int64))
+    y = torch.from_numpy(np.stack([data[i + 1:i + 1 + block_size] for i in starts]).astype(np.int64))
     return to_device(x), to_device(y)
+
+
+def train_batches(generator):
+    """This process's micro-batches for one optimizer step. Every process draws the whole global
+    batch from the same generator and keeps its own rows, so the data depends only on the global
+    batch, not on how it is split into processes and accumulation steps."""
+    data = memmap("train")
+    n = world_size * gradient_accumulation_steps
+    starts = torch.randint(len(data) - block_size, (n, batch_size), generator=generator)
+    mine = starts[rank * gradient_accumulation_steps:(rank + 1) * gradient_accumulation_steps]
+    return [windows(data, row.tolist()) for row in mine]
 
 
 # -----------------------------------------------------------------------------
@@ -210,8 +220,9 @@ elif os.path.exists(ckpt_path) and not eval_only:
 model.to(device)
 scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
-# separate generators: batch sampling must not shift when dropout or evaluation draw numbers
-train_gen = torch.Generator().manual_seed(seed + rank)
+# the sampler has its own generator, shared by all processes: batches must not shift when dropout
+# or evaluation draw numbers
+train_gen = torch.Generator().manual_seed(seed)
 if checkpoint is not None and not eval_only:
     optimizer.load_state_dict(checkpoint["optimizer"])
     if "scaler" in checkpoint:
@@ -222,7 +233,7 @@ if checkpoint is not None and not eval_only:
     torch.set_rng_state(rng["torch"])
     if device_type == "cuda" and rng.get("cuda") is not None:
         torch.cuda.set_rng_state(rng["cuda"])
-    train_gen.set_state(rng["sampler"][rank] if rank < len(rng["sampler"]) else rng["sampler"][0])
+    train_gen.set_state(rng["sampler"])
 checkpoint = None  # free the memory
 
 raw_model = model
@@ -245,9 +256,11 @@ def get_lr(it):
 
 
 def all_reduce_sum(values):
+    """Element-wise sums over all processes (the values themselves in a single process)."""
+    if not ddp:
+        return list(values)
     t = torch.tensor(values, dtype=torch.float64, device=device)
-    if ddp:
-        dist.all_reduce(t)
+    dist.all_reduce(t)
     return t.tolist()
 
 
@@ -258,9 +271,10 @@ def estimate_loss():
     out = {}
     for split in ("train", "val"):
         gen = torch.Generator().manual_seed(seed + 1000 * (rank + 1))
+        data = memmap(split)
         total = 0.0
         for _ in range(eval_iters):
-            x, y = get_batch(split, gen)
+            x, y = windows(data, torch.randint(len(data) - block_size, (batch_size,), generator=gen).tolist())
             with autocast:
                 total += model(x, y)[1].item()
         s, n = all_reduce_sum([total, eval_iters])
@@ -298,11 +312,6 @@ def evaluate_split(split="val"):
 
 def save_checkpoint(path):
     """Write atomically: a kill mid-write leaves the previous file whole."""
-    samplers = [None] * world_size
-    if ddp:
-        dist.all_gather_object(samplers, sampler_state)
-    else:
-        samplers = [sampler_state]
     if not master:
         return
     state = {
@@ -314,7 +323,8 @@ def save_checkpoint(path):
         "config": config,
         "meta": meta,
         "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state() if device_type == "cuda" else None, "sampler": samplers},
+                "cuda": torch.cuda.get_rng_state() if device_type == "cuda" else None,
+                "sampler": train_gen.get_state()},
     }
     if scaler.is_enabled():
         state["scaler"] = scaler.state_dict()
@@ -356,7 +366,13 @@ if eval_only:
 # -----------------------------------------------------------------------------
 # training loop
 if master:
-    os.makedirs(out_dir, exist_ok=True)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        probe = os.path.join(out_dir, ".write_test")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        fail(f"out_dir {out_dir} is not writable ({e.strerror}); choose another --out_dir")
     if wandb_log:
         import wandb
         if not os.environ.get("WANDB_API_KEY") and not os.environ.get("WANDB_MODE"):
@@ -376,27 +392,45 @@ def request_stop(signum, frame):
 signal.signal(signal.SIGINT, request_stop)
 signal.signal(signal.SIGTERM, request_stop)
 
+def agreed_stop():
+    """All processes must stop at the same iteration: under DDP they agree at each log interval."""
+    if not ddp:
+        return stop_signal is not None
+    if iter_num % log_interval:
+        return False
+    flag = torch.tensor([float(stop_signal is not None)], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return flag.item() > 0
+
+
+def check_finite(value, what):
+    if not math.isfinite(value):
+        fail(f"{what} became {value} by iteration {iter_num}; training stopped without saving, so "
+             f"{ckpt_path} still holds the last good state. Lower learning_rate or raise warmup_iters, "
+             f"then resume")
+
+
+peak_flops = measure_peak_flops(device, dtype) if master else 0.0
 log(f"{raw_model.num_params() / 1e6:.2f}M parameters | {device} {dtype}{' compiled' if compile else ''} | "
-    f"{tokens_per_iter:,} tokens/iter | {world_size} process(es) | from iter {iter_num}")
-# the sampler state saved in a checkpoint is the one before the prefetched batch, so a resumed
-# run draws that same batch again
-sampler_state = train_gen.get_state()
-x, y = get_batch("train", train_gen)
+    f"{tokens_per_iter:,} tokens/iter | {world_size} process(es) | from iter {iter_num} | "
+    f"measured peak {peak_flops / 1e12:.3f} TFLOP/s")
 t0 = time.time()
+stopping = False
 window_start, window_iters = time.time(), 0
 while iter_num < max_iters:
     lr = get_lr(iter_num)
     for group in optimizer.param_groups:
         group["lr"] = lr
 
-    for micro_step in range(gradient_accumulation_steps):
-        sync = micro_step == gradient_accumulation_steps - 1
-        with (model.no_sync() if ddp and not sync else nullcontext()), autocast:
+    batches = train_batches(train_gen)
+    step_loss = 0.0
+    for micro_step, (x, y) in enumerate(batches):
+        last = micro_step == len(batches) - 1
+        with (model.no_sync() if ddp and not last else nullcontext()), autocast:
             _, loss = model(x, y)
             loss = loss / gradient_accumulation_steps
-        sampler_state = train_gen.get_state()
-        x, y = get_batch("train", train_gen)  # read the next batch before this backward runs
         scaler.scale(loss).backward()
+        step_loss += loss.detach()
     if grad_clip > 0:
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
@@ -406,23 +440,23 @@ while iter_num < max_iters:
     iter_num += 1
     window_iters += 1
 
-    lossf = loss.item() * gradient_accumulation_steps
-    if not math.isfinite(lossf):
-        fail(f"loss became {lossf} at iteration {iter_num}; training stopped and {ckpt_path} from "
-             f"the last eval is untouched. Lower learning_rate or raise warmup_iters, then resume")
     record = None
     if iter_num % log_interval == 0 or iter_num == max_iters:
+        lossf = all_reduce_sum([step_loss.item()])[0] / world_size  # the step's mean loss over the global batch
+        check_finite(lossf, "the training loss")
         dt = (time.time() - window_start) / window_iters
         tokens_per_s = tokens_per_iter / dt
-        eta = (max_iters - iter_num) * dt
+        mfu = raw_model.estimate_mfu(tokens_per_s / world_size, peak_flops) if master else 0.0
         log(f"iter {iter_num}/{max_iters} | loss {lossf:.4f} | lr {lr:.2e} | {dt * 1000:.0f} ms/iter | "
-            f"{tokens_per_s:,.0f} tok/s | eta {eta / 60:.1f} min")
+            f"{tokens_per_s:,.0f} tok/s | mfu {mfu:.1%} | eta {(max_iters - iter_num) * dt / 60:.1f} min")
         record = {"iter": iter_num, "tokens": iter_num * tokens_per_iter, "loss": lossf, "lr": lr,
-                  "ms_per_iter": dt * 1000, "tokens_per_s": tokens_per_s}
+                  "ms_per_iter": dt * 1000, "tokens_per_s": tokens_per_s, "mfu": mfu}
         window_start, window_iters = time.time(), 0
+    stopping = agreed_stop()
 
-    if iter_num % eval_interval == 0 or iter_num == max_iters or stop_signal:
+    if iter_num % eval_interval == 0 or iter_num == max_iters or stopping:
         losses = estimate_loss()
+        check_finite(losses["train"] + losses["val"], "the evaluation loss")
         log(f"eval at iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
         record = dict(record or {"iter": iter_num, "tokens": iter_num * tokens_per_iter},
                       train_loss=losses["train"], val_loss=losses["val"])
@@ -430,7 +464,7 @@ while iter_num < max_iters:
         best_val_loss = min(best_val_loss, losses["val"])
         if improved:
             save_checkpoint(os.path.join(out_dir, "best.pt"))
-        if improved or always_save_checkpoint or iter_num == max_iters or stop_signal:
+        if improved or always_save_checkpoint or iter_num == max_iters or stopping:
             save_checkpoint(ckpt_path)
         window_start, window_iters = time.time(), 0  # evaluation time is not training time
 
@@ -439,12 +473,13 @@ while iter_num < max_iters:
             f.write(json.dumps(record) + "\n")
         if wandb_log:
             wandb.log(record, step=iter_num)
-    if stop_signal:
-        log(f"{stop_signal} received: saved {ckpt_path} at iteration {iter_num}. Continue with: "
-            f"python train.py {' '.join(sys.argv[1:])} --init_from=resume")
+    if stopping:
+        again = " ".join(a for a in sys.argv[1:] if not a.startswith("--init_from="))
+        log(f"{stop_signal or 'a stop request'} received: saved {ckpt_path} at iteration {iter_num}. "
+            f"Continue with: python train.py {again} --init_from=resume")
         break
 
-if final_eval and not stop_signal and max_iters > 0:
+if final_eval and not stopping and max_iters > 0:
     final_evaluation()
 log(f"done in {(time.time() - t0) / 60:.1f} min; best val loss {best_val_loss:.4f}")
 if ddp:
