@@ -42,10 +42,11 @@ def sync(device):
 def measure_peak_flops(device, dtype):
     """Best FLOP/s of a square matmul in dtype on device, the size doubled until one takes 50 ms."""
     ptdtype = getattr(torch, dtype)
+    gen = torch.Generator(device=device).manual_seed(0)  # leave the global random state alone
     best, n = 0.0, 256
     while True:
-        a = torch.randn(n, n, device=device, dtype=ptdtype)
-        b = torch.randn(n, n, device=device, dtype=ptdtype)
+        a = torch.randn(n, n, device=device, dtype=ptdtype, generator=gen)
+        b = torch.randn(n, n, device=device, dtype=ptdtype, generator=gen)
         a @ b
         sync(device)
         times = []

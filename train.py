@@ -108,10 +108,10 @@ if ddp:
         torch.cuda.set_device(device)
     dist.init_process_group(backend=("nccl" if device.startswith("cuda") else "gloo") if backend == "auto" else backend,
                             timeout=timedelta(seconds=ddp_timeout))
-    if gradient_accumulation_steps % world_size:
+    if gradient_accumulation_steps % world_size and not eval_only:
         fail(f"gradient_accumulation_steps ({gradient_accumulation_steps}) must be a multiple of "
              f"the number of processes ({world_size})")
-    gradient_accumulation_steps //= world_size
+    gradient_accumulation_steps = max(1, gradient_accumulation_steps // world_size)
 else:
     rank, local_rank, world_size = 0, 0, 1
 master = rank == 0

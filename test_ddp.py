@@ -1,0 +1,211 @@
+"""DDP under torchrun on CPU (gloo): two processes against one, rank-0 duties, resume, evaluation, failure.
+
+Every test starts real processes, so all are marked slow: deselect them with -m "not slow".
+"""
+import glob
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+TRAIN = os.path.join(REPO, "train.py")
+TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
+TINY = ["--dataset=shakespeare_char", "--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32",
+        "--batch_size=4", "--device=cpu", "--dtype=float32", "--log_interval=1", "--eval_iters=2",
+        "--warmup_iters=2", "--lr_decay_iters=20", "--dropout=0.0"]
+RUN8 = ["--gradient_accumulation_steps=2", "--max_iters=8", "--eval_interval=8", "--final_eval=False"]
+TOL = dict(rel=1e-5, abs=1e-5)
+TIMEOUT = 240
+
+pytestmark = pytest.mark.slow
+
+
+def children(pid):
+    """Direct children of a process, read from /proc (empty once it is gone)."""
+    kids = []
+    for path in glob.glob(f"/proc/{pid}/task/*/children"):
+        try:
+            with open(path) as f:
+                kids += [int(p) for p in f.read().split()]
+        except OSError:
+            pass
+    return kids
+
+
+def is_worker(pid):
+    """A live (not zombie) process running train.py: a worker of ours that has not ended."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return state != "Z" and TRAIN.encode() in f.read()
+    except OSError:
+        return False
+
+
+def kill_tree(proc, workers=()):
+    """Kill a torchrun started in its own session and its workers (torchrun gives each its own session)."""
+    pids = set(workers) | set(children(proc.pid))
+    for pgid in [proc.pid, *pids]:
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    proc.wait()
+
+
+def launch(*runs, cwd, timeout=TIMEOUT):
+    """Run (args, ddp) pairs side by side, each in one process or under torchrun with two; all must succeed."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    procs = []
+    try:
+        for args, ddp in runs:
+            cmd = [TORCHRUN, "--standalone", "--nproc_per_node=2", TRAIN] if ddp else [sys.executable, TRAIN]
+            cmd += list(args)
+            output = tempfile.TemporaryFile("w+")  # not a pipe: a full pipe would stall a process not yet waited for
+            procs.append((cmd, output, subprocess.Popen(cmd, cwd=cwd, env=env, stdout=output, stderr=subprocess.STDOUT,
+                                                        text=True, start_new_session=True)))
+        deadline = time.time() + timeout
+        for cmd, output, proc in procs:
+            proc.wait(timeout=max(1, deadline - time.time()))
+            output.seek(0)
+            assert proc.returncode == 0, f"{' '.join(cmd)} exited {proc.returncode}:\n{output.read()[-5000:]}"
+    finally:
+        for _, output, proc in procs:
+            if proc.poll() is None:
+                kill_tree(proc)
+            output.close()
+
+
+def read_log(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def losses(path):
+    return {r["iter"]: r["loss"] for r in read_log(path)}
+
+
+def max_abs_diff(a, b):
+    return max(abs(a[k] - b[k]) for k in a)
+
+
+def weights(out_dir):
+    return torch.load(os.path.join(out_dir, "ckpt.pt"), map_location="cpu", weights_only=False)["model"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """One prepared dataset; 8 iterations of the same global batch in one process (single/) and in two (ddp/)."""
+    d = tmp_path_factory.mktemp("ddp")
+    p = subprocess.run([sys.executable, os.path.join(REPO, "prepare.py"), "--tokenizer=char", "--num_proc=1"],
+                       cwd=d, capture_output=True, text=True, timeout=TIMEOUT)
+    assert p.returncode == 0, p.stderr
+    launch(([*TINY, *RUN8, "--out_dir=single"], False), ([*TINY, *RUN8, "--out_dir=ddp"], True), cwd=d)
+    # what the 8-iteration ddp run left, before any test adds to it
+    files = sorted(os.listdir(d / "ddp"))
+    shutil.copy(d / "ddp" / "ckpt.pt", d / "ddp_ckpt8.pt")
+    return d, files
+
+
+def test_two_processes_match_one_with_the_same_global_batch(runs):
+    d, _ = runs
+    single, ddp = losses(d / "single" / "log.jsonl"), losses(d / "ddp" / "log.jsonl")
+    assert sorted(single) == sorted(ddp) == list(range(1, 9))
+    loss_diff = max_abs_diff(single, ddp)
+    a, b = weights(d / "single"), weights(d / "ddp")
+    assert a.keys() == b.keys()
+    weight_diff = max((a[k] - b[k]).abs().max().item() for k in a)
+    report = f"max |loss diff| {loss_diff:.3e} over 8 iterations, max |weight diff| {weight_diff:.3e}"
+    print(f"\nDDP equivalence (2 processes vs 1, gradient_accumulation_steps=2): {report}")
+    assert [ddp[i] for i in sorted(ddp)] == pytest.approx([single[i] for i in sorted(single)], **TOL), report
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a), report
+
+
+def test_only_rank0_writes_and_ddp_resume_matches_single_process_resume(runs):
+    d, files = runs
+    assert files == ["best.pt", "ckpt.pt", "log.jsonl"]  # nothing per rank, no temporaries left
+    assert [r["iter"] for r in read_log(d / "ddp" / "log.jsonl")] == list(range(1, 9))  # one writer
+    resume = [*TINY, "--gradient_accumulation_steps=2", "--max_iters=12", "--eval_interval=8",
+              "--final_eval=False", "--init_from=resume"]
+    launch(([*resume, "--out_dir=single"], False), ([*resume, "--out_dir=ddp"], True), cwd=d)
+    assert sorted(os.listdir(d / "ddp")) == ["best.pt", "ckpt.pt", "log.jsonl"]
+    single, ddp = losses(d / "single" / "log.jsonl"), losses(d / "ddp" / "log.jsonl")
+    assert [r["iter"] for r in read_log(d / "ddp" / "log.jsonl")] == list(range(1, 13))
+    assert sorted(single) == list(range(1, 13))
+    later = list(range(9, 13))
+    report = f"max |loss diff| at iterations 9..12: {max(abs(single[i] - ddp[i]) for i in later):.3e}"
+    print(f"\nDDP resume: {report}")
+    assert [ddp[i] for i in later] == pytest.approx([single[i] for i in later], **TOL), report
+    ckpt = torch.load(d / "ddp" / "ckpt.pt", map_location="cpu", weights_only=False)
+    assert ckpt["iter_num"] == 12
+    a, b = weights(d / "single"), ckpt["model"]
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_full_evaluation_averages_over_ranks(runs):
+    d, _ = runs
+    for name in ("eval_ddp", "eval_single"):
+        os.makedirs(d / name)
+        shutil.copy(d / "ddp_ckpt8.pt", d / name / "ckpt.pt")
+    # gradient_accumulation_steps plays no part in an evaluation, but under torchrun it must still be
+    # a multiple of the number of processes (the default 1 is refused)
+    evaluate = [*TINY, "--eval_only=True", "--init_from=resume"]
+    launch(([*evaluate, "--gradient_accumulation_steps=2", "--out_dir=eval_ddp"], True),
+           ([*evaluate, "--out_dir=eval_single"], False), cwd=d)
+    two = json.loads((d / "eval_ddp" / "eval.json").read_text())
+    one = json.loads((d / "eval_single" / "eval.json").read_text())
+    meta = json.loads((d / "data" / "shakespeare_char" / "meta.json").read_text())
+    assert one["tokens"] == meta["val_tokens"] - 1
+    assert two["tokens"] == one["tokens"]  # every val token counted once across the ranks
+    assert two["val_loss"] == pytest.approx(one["val_loss"], rel=1e-5), (two["val_loss"], one["val_loss"])
+    assert two["iter_num"] == one["iter_num"] == 8
+
+
+def test_killed_worker_ends_the_whole_run(runs):
+    d, _ = runs
+    args = [*TINY, "--gradient_accumulation_steps=2", "--max_iters=100000", "--eval_interval=100000",
+            "--final_eval=False", "--ddp_timeout=30", "--out_dir=killed"]
+    log_path = d / "killed" / "log.jsonl"
+    proc = subprocess.Popen([TORCHRUN, "--standalone", "--nproc_per_node=2", TRAIN, *args], cwd=d,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    workers = []
+    try:
+        deadline = time.time() + 120
+        while not (log_path.exists() and len(log_path.read_text().splitlines()) >= 3):
+            assert proc.poll() is None, f"torchrun ended early ({proc.returncode}): {proc.stderr.read()}"
+            assert time.time() < deadline, "no training iterations logged within 120 s"
+            time.sleep(0.2)
+        workers = children(proc.pid)
+        ranks = {}
+        for pid in workers:
+            try:
+                with open(f"/proc/{pid}/environ", "rb") as f:
+                    env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
+                ranks[pid] = int(env.get(b"RANK", b"-1"))
+            except (OSError, ValueError):
+                pass
+        assert len(ranks) == 2 and sorted(ranks.values()) == [0, 1], ranks
+        victim = next(pid for pid, r in ranks.items() if r == 1)
+        os.kill(victim, signal.SIGKILL)
+        killed_at = time.time()
+        try:
+            _, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            pytest.fail("torchrun still running 60 s after one worker was killed")
+        elapsed = time.time() - killed_at
+        print(f"\ntorchrun exited {proc.returncode} {elapsed:.1f} s after rank 1 was killed")
+        assert proc.returncode != 0, err[-3000:]
+        assert not [pid for pid in workers if is_worker(pid)], "a worker outlived torchrun"
+    finally:
+        if proc.poll() is None or any(is_worker(pid) for pid in workers):
+            kill_tree(proc, [pid for pid in workers if is_worker(pid)])
