@@ -6,7 +6,9 @@ token and position embeddings, pre-norm blocks of causal self-attention and a
 GELU MLP, a final norm, and an output head tied to the token embedding.
 """
 import inspect
+import json
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -160,6 +162,12 @@ class GPT(nn.Module):
         """Model FLOPs utilisation: achieved training FLOP/s as a fraction of the peak given."""
         return self.flops_per_token() * tokens_per_s / peak_flops
 
+    def crop_block_size(self, block_size):
+        """Shorten the context, e.g. to fine-tune a 1024-context model on 256-token windows."""
+        assert block_size <= self.config.block_size
+        self.config.block_size = block_size
+        self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
+
     def new_cache(self, batch_size, device, dtype):
         """Empty key/value buffers for every layer, long enough for a whole block."""
         c = self.config
@@ -223,3 +231,64 @@ def sample_next(logits, temperature, top_k, top_p, generator=None):
         drop_sorted = cumulative - sorted_logits.softmax(dim=-1) >= top_p
         logits = logits.masked_fill(drop_sorted.scatter(1, order, drop_sorted), float("-inf"))
     return torch.multinomial(logits.softmax(dim=-1), num_samples=1, generator=generator)
+
+
+# -----------------------------------------------------------------------------
+# Hugging Face GPT-2 checkpoints, both ways. GPT-2 is this architecture with layernorm, biases,
+# tanh-approximated GELU ("gelu_new") and learned positions; its matmul weights are stored as
+# Conv1D, shaped (in, out): the transpose of nn.Linear's.
+HF_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def from_hf_gpt2(folder, dropout=0.0):
+    """A GPT from a Hugging Face GPT-2 folder: config.json plus model.safetensors or pytorch_model.bin."""
+    with open(os.path.join(folder, "config.json")) as f:
+        hf = json.load(f)
+    if hf.get("model_type") != "gpt2" or hf.get("activation_function", "gelu_new") != "gelu_new":
+        raise ValueError(f"{folder} holds a {hf.get('model_type')} model with {hf.get('activation_function')}; "
+                         f"only GPT-2 checkpoints (gelu_new) can be imported")
+    weights = os.path.join(folder, "model.safetensors")
+    if os.path.exists(weights):
+        from safetensors.torch import load_file
+        state = load_file(weights)
+    else:
+        state = torch.load(os.path.join(folder, "pytorch_model.bin"), map_location="cpu", weights_only=True)
+    state = {k.removeprefix("transformer."): v for k, v in state.items()}
+    config = GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
+                       n_head=hf["n_head"], n_embd=hf["n_embd"], dropout=dropout, bias=True, norm="layernorm")
+    model = GPT(config)
+    with torch.no_grad():
+        for name, p in model.state_dict().items():
+            if name == "lm_head.weight":
+                continue  # tied to wte
+            w = state[name.removeprefix("transformer.")]
+            p.copy_(w.t() if name.endswith(HF_TRANSPOSED) else w)
+    return model
+
+
+def to_hf_gpt2(model, folder, eot_token=None):
+    """Write model as a Hugging Face GPT-2 folder that GPT2LMHeadModel.from_pretrained loads."""
+    from safetensors.torch import save_file
+    c = model.config
+    if c.norm != "layernorm":
+        raise ValueError(f"GPT-2 has no {c.norm}; only layernorm models can be exported")
+    state = {}
+    for name, p in model.state_dict().items():
+        if name == "lm_head.weight":
+            continue  # transformers ties it to wte itself
+        state[name] = (p.t() if name.endswith(HF_TRANSPOSED) else p).contiguous()
+    if not c.bias:  # GPT-2 always has biases: zeros compute the same function
+        for name, p in list(state.items()):
+            if name.endswith("weight") and ("ln_" in name or name.endswith(HF_TRANSPOSED)):
+                out_features = p.shape[-1] if name.endswith(HF_TRANSPOSED) else p.shape[0]
+                state[name[:-len("weight")] + "bias"] = torch.zeros(out_features, dtype=p.dtype)
+    hf = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": c.vocab_size,
+          "n_positions": c.block_size, "n_embd": c.n_embd, "n_layer": c.n_layer, "n_head": c.n_head,
+          "n_inner": None, "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
+          "resid_pdrop": c.dropout, "embd_pdrop": c.dropout, "attn_pdrop": c.dropout,
+          "tie_word_embeddings": True, "bos_token_id": eot_token, "eos_token_id": eot_token}
+    os.makedirs(folder, exist_ok=True)
+    save_file({k: v.detach().cpu().float() for k, v in state.items()}, os.path.join(folder, "model.safetensors"),
+              metadata={"format": "pt"})
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(hf, f, indent=1)

@@ -14,11 +14,10 @@ TINY = ["--dataset=shakespeare_char", "--n_layer=1", "--n_head=2", "--n_embd=32"
         "--lr_decay_iters=15", "--learning_rate=1e-3", "--min_lr=1e-4", "--device=cpu"]
 
 
-def run(script, *args, cwd, check=True):
+def run(script, *args, cwd):
     p = subprocess.run([sys.executable, os.path.join(REPO, script), *args], cwd=cwd,
                        capture_output=True, text=True, timeout=300)
-    if check:
-        assert p.returncode == 0, p.stderr
+    assert p.returncode == 0, p.stderr
     return p
 
 
@@ -94,29 +93,3 @@ def test_bench_smoke(workdir):
     p = run("bench.py", *TINY, "--iters=2", "--warmup=1", "--sample=True", "--sample_tokens=40", cwd=workdir)
     assert "tokens/s" in p.stdout and "MFU" in p.stdout
     assert "greedy output with cache equals recomputation" in p.stdout
-
-
-def files_under(d):
-    return {os.path.join(r, f): os.path.getmtime(os.path.join(r, f)) for r, _, fs in os.walk(d) for f in fs}
-
-
-@pytest.mark.parametrize("script,args,needle", [
-    ("train.py", ["--dataset=nothing_here"], "python prepare.py"),
-    ("train.py", [*TINY, "--block_size=9999999"], "block_size"),
-    ("train.py", [*TINY, "--out_dir=ck"], "--init_from=resume"),  # would overwrite a run
-    ("train.py", [*TINY, "--out_dir=empty", "--init_from=resume"], "no checkpoint"),
-    ("train.py", [*TINY, "--out_dir=ck", "--init_from=resume", "--dataset=shakespeare_gpt2_like"], "not found"),
-    ("sample.py", ["--out_dir=ck", "--start="], "empty"),
-    ("sample.py", ["--out_dir=ck", "--start=日本"], "not in this dataset"),
-    ("sample.py", ["--out_dir=nowhere"], "no checkpoint"),
-    ("sample.py", ["--out_dir=bogus"], "not a checkpoint"),
-])
-def test_bad_input_one_clear_line(workdir, script, args, needle):
-    os.makedirs(workdir / "bogus", exist_ok=True)
-    (workdir / "bogus" / "ckpt.pt").write_bytes(b"not a checkpoint")
-    before = files_under(workdir)
-    p = run(script, *args, cwd=workdir, check=False)
-    lines = [line for line in p.stderr.splitlines() if line.strip()]
-    assert p.returncode != 0
-    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], p.stderr
-    assert files_under(workdir) == before  # nothing written or touched

@@ -30,12 +30,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import tokenizer as tok
 from bench import measure_peak_flops
 from configurator import configure, defaults_from, fail, resolve_device, resolve_dtype
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, from_hf_gpt2
 
 # -----------------------------------------------------------------------------
 # I/O
 out_dir = "checkpoint/run"
-init_from = "scratch"  # 'scratch' or 'resume' (from out_dir/ckpt.pt)
+init_from = "scratch"  # scratch | resume (out_dir/ckpt.pt) | path/to/other/ckpt.pt | hf:FOLDER | gpt2[-medium|-large|-xl]
 eval_interval = 250
 log_interval = 10
 eval_iters = 50  # batches per split in the quick estimate made at each eval
@@ -94,8 +94,11 @@ if n_embd % n_head:
     fail(f"n_embd ({n_embd}) must be divisible by n_head ({n_head})")
 if norm not in ("layernorm", "rmsnorm"):
     fail(f"unknown norm {norm!r}; use layernorm or rmsnorm")
-if init_from not in ("scratch", "resume"):
-    fail(f"unknown init_from {init_from!r}; use scratch or resume")
+GPT2_SIZES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+if init_from not in ("scratch", "resume", *GPT2_SIZES) and not init_from.startswith("hf:") \
+        and not init_from.endswith(".pt"):
+    fail(f"unknown init_from {init_from!r}; use scratch, resume, a checkpoint file (.pt), hf:FOLDER "
+         f"or one of {', '.join(GPT2_SIZES)}")
 
 # -----------------------------------------------------------------------------
 # processes and devices
@@ -193,30 +196,74 @@ model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=bloc
                   vocab_size=vocab_size, dropout=dropout, norm=norm)
 iter_num, best_val_loss, checkpoint = 0, float("inf"), None
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
-if init_from == "resume" or eval_only:
-    if not os.path.exists(ckpt_path):
-        fail(f"no checkpoint at {ckpt_path}; train one first or point --out_dir at a run")
+
+
+def load_checkpoint(path):
+    """A checkpoint of this project whose tokenizer is the dataset's, or a one-line refusal."""
+    if not os.path.exists(path):
+        fail(f"no checkpoint at {path}; train one first or point --out_dir (or --init_from) at a run")
     try:
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        saved_args = checkpoint["model_args"]
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt["model_args"], ckpt["meta"]
     except Exception as e:
-        fail(f"{ckpt_path} is not a checkpoint of this project ({type(e).__name__}: {e})")
-    if any(checkpoint["meta"].get(k) != meta.get(k) for k in ("tokenizer", "vocab_size", "tokenizer_sha256")):
-        fail(f"{ckpt_path} was trained on a {checkpoint['meta']['tokenizer']} vocabulary of "
-             f"{checkpoint['meta']['vocab_size']}, but dataset {dataset!r} uses {meta['tokenizer']} with "
-             f"{meta['vocab_size']}; use the checkpoint's dataset")
-    if block_size > saved_args["block_size"]:
-        fail(f"block_size {block_size} exceeds the checkpoint's {saved_args['block_size']}")
-    model_args = dict(saved_args, dropout=dropout)  # the architecture is the checkpoint's
-    iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
+        fail(f"{path} is not a checkpoint of this project ({type(e).__name__}: {str(e).splitlines()[0]})")
+    if any(ckpt["meta"].get(k) != meta.get(k) for k in ("tokenizer", "vocab_size", "tokenizer_sha256", "chars")):
+        fail(f"{path} was trained with a {ckpt['meta']['tokenizer']} tokenizer of {ckpt['meta']['vocab_size']} "
+             f"ids, but dataset {dataset!r} uses {meta['tokenizer']} with {meta['vocab_size']}; "
+             f"use a dataset prepared with the checkpoint's tokenizer")
+    if block_size > ckpt["model_args"]["block_size"]:
+        fail(f"block_size {block_size} exceeds the checkpoint's {ckpt['model_args']['block_size']}; lower --block_size")
+    return ckpt
+
+
+def pretrained_gpt2():
+    """GPT-2 weights from a local Hugging Face folder (hf:FOLDER) or from the hub by name."""
+    if meta["tokenizer"] != "gpt2":
+        fail(f"GPT-2 weights need a dataset prepared with the gpt2 tokenizer, but {dataset!r} uses "
+             f"{meta['tokenizer']}; run python prepare.py --tokenizer=gpt2")
+    folder = init_from[3:]
+    if not folder:
+        try:
+            from huggingface_hub import snapshot_download
+            folder = snapshot_download(init_from, allow_patterns=["config.json", "model.safetensors"])
+        except Exception as e:
+            fail(f"could not download {init_from} from the Hugging Face hub ({type(e).__name__}); without "
+                 f"internet, copy its folder here and use --init_from=hf:FOLDER")
+    if not os.path.exists(os.path.join(folder, "config.json")):
+        fail(f"{folder} is not a Hugging Face model folder (no config.json)")
+    try:
+        gpt2 = from_hf_gpt2(folder, dropout)
+    except (ValueError, KeyError, OSError) as e:
+        fail(f"could not import {folder}: {e}")
+    if block_size > gpt2.config.block_size:
+        fail(f"block_size {block_size} exceeds the model's {gpt2.config.block_size}; lower --block_size")
+    return gpt2
+
 
 torch.manual_seed(seed + rank)
-model = GPT(GPTConfig(**model_args))
-if checkpoint is not None:
+if init_from == "resume" or eval_only:
+    checkpoint = load_checkpoint(ckpt_path)
+    model_args = dict(checkpoint["model_args"], dropout=dropout)  # the architecture is the checkpoint's
+    iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
+    model = GPT(GPTConfig(**model_args))
     model.load_state_dict(checkpoint["model"])
-elif os.path.exists(ckpt_path) and not eval_only:
-    fail(f"{out_dir} already holds a checkpoint; continue it with --init_from=resume, "
-         f"or choose another --out_dir")
+else:
+    if os.path.exists(ckpt_path):
+        fail(f"{out_dir} already holds a checkpoint; continue it with --init_from=resume, "
+             f"or choose another --out_dir")
+    if init_from == "scratch":
+        model = GPT(GPTConfig(**model_args))
+    else:  # fine-tuning: weights from elsewhere, a fresh optimizer and schedule
+        if init_from.endswith(".pt"):
+            source = load_checkpoint(init_from)
+            model = GPT(GPTConfig(**dict(source["model_args"], dropout=dropout)))
+            model.load_state_dict(source["model"])
+            source = None
+        else:
+            model = pretrained_gpt2()
+        if block_size < model.config.block_size:
+            model.crop_block_size(block_size)
+        model_args = dict(vars(model.config))
 model.to(device)
 scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)

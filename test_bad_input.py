@@ -1,0 +1,148 @@
+"""Every user-facing mistake ends the same way: a non-zero exit, one line on stderr that starts with
+'error:' and says what is wrong and what to do, no traceback, and nothing written, moved or removed.
+
+One table, each case the real script run in a scratch folder that holds a prepared dataset, a real
+(tiny) checkpoint and a few deliberately broken files."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+ENV = dict(os.environ, HF_HUB_OFFLINE="1")
+TINY = ["--dataset=shakespeare_char", "--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32",
+        "--batch_size=4"]
+# for cases that get as far as a model: should a check ever let one through, it trains nothing and writes nothing
+NO_STEPS = [*TINY, "--max_iters=2", "--eval_iters=1", "--final_eval=False"]
+no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA, so --device=cuda is valid")
+
+
+def run(script, *args, cwd, timeout=300):
+    return subprocess.run([sys.executable, os.path.join(REPO, script), *args], cwd=cwd, env=ENV,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def snapshot(d):
+    """{path: (size, mtime_ns)} of every file, and every folder by name: a created, removed or touched
+    file shows, and so does a left-behind empty folder."""
+    state = {}
+    for root, dirs, files in os.walk(d):
+        for name in dirs:
+            state[os.path.join(root, name)] = "dir"
+        for name in files:
+            st = os.stat(os.path.join(root, name))
+            state[os.path.join(root, name)] = (st.st_size, st.st_mtime_ns)
+    return state
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bad_input")
+    for script, *args in (("prepare.py", "--tokenizer=char", "--num_proc=1"),
+                          ("train.py", *TINY, "--max_iters=2", "--eval_interval=2", "--eval_iters=1",
+                           "--final_eval=False", "--out_dir=ck")):
+        p = run(script, *args, cwd=d)
+        assert p.returncode == 0, p.stderr
+    (d / "raises.py").write_text("batch_size = 1 / 0\n")
+    (d / "unknown_key.py").write_text("batch_size = 4\nlearning_rat = 1e-3\n")
+    (d / "bogus").mkdir()
+    (d / "bogus" / "ckpt.pt").write_bytes(b"not a checkpoint")
+    data = d / "data"
+    shutil.copytree(data / "shakespeare_char", data / "truncated")
+    with open(data / "truncated" / "train.bin", "r+b") as f:
+        f.truncate(os.path.getsize(data / "truncated" / "train.bin") - 1)
+    shutil.copytree(data / "shakespeare_char", data / "other_vocab")
+    meta = json.loads((data / "other_vocab" / "meta.json").read_text(encoding="utf-8"))
+    meta["chars"] = meta["chars"][:-1]  # one character fewer: a different vocabulary
+    meta["vocab_size"] -= 1
+    meta["eot_token"] -= 1
+    (data / "other_vocab" / "meta.json").write_text(json.dumps(meta, ensure_ascii=False), encoding="utf-8")
+    shutil.copytree(data / "shakespeare_char", data / "swapped_chars")
+    meta = json.loads((data / "swapped_chars" / "meta.json").read_text(encoding="utf-8"))
+    meta["chars"] = meta["chars"][1] + meta["chars"][0] + meta["chars"][2:]  # same size, other ids
+    (data / "swapped_chars" / "meta.json").write_text(json.dumps(meta, ensure_ascii=False), encoding="utf-8")
+    return d
+
+
+CASES = [
+    # configurator, through the scripts' command lines
+    pytest.param("train.py", ["--batch_sise=3"], "did you mean batch_size", id="config-unknown-key-suggests"),
+    pytest.param("train.py", ["--batch_size=3.5"], "batch_size must be int", id="config-wrong-type"),
+    pytest.param("train.py", ["--compile=1"], "compile must be bool", id="config-bool-as-int"),
+    pytest.param("train.py", ["--batch_size"], "write --key=value", id="config-malformed"),
+    pytest.param("train.py", ["nope.py"], "config file 'nope.py' not found", id="config-file-missing"),
+    pytest.param("train.py", ["raises.py"], "raised ZeroDivisionError", id="config-file-raises"),
+    pytest.param("train.py", ["unknown_key.py"], "in unknown_key.py: unknown config key 'learning_rat'",
+                 id="config-file-unknown-key"),
+    pytest.param("sample.py", ["--temprature=0.5"], "did you mean temperature", id="config-sample-unknown-key"),
+    pytest.param("prepare.py", ["--num_proc=two"], "num_proc must be int", id="config-prepare-wrong-type"),
+    # train.py
+    pytest.param("train.py", ["--learning_rate=-1"], "learning_rate must be positive", id="train-negative-lr"),
+    pytest.param("train.py", ["--batch_size=0"], "batch_size must be at least 1", id="train-batch-size-0"),
+    pytest.param("train.py", ["--n_embd=33", "--n_head=2"], "must be divisible by n_head", id="train-n-embd-n-head"),
+    pytest.param("train.py", ["--block_size=99999999"], "lower --block_size", id="train-block-size-above-data"),
+    pytest.param("train.py", [*NO_STEPS, "--init_from=resume", "--out_dir=ck", "--block_size=64"],
+                 "exceeds the checkpoint's 32", id="train-block-size-above-checkpoint"),
+    pytest.param("train.py", ["--dataset=nothing_here"], "python prepare.py", id="train-missing-dataset"),
+    pytest.param("train.py", [*NO_STEPS, "--out_dir=empty", "--init_from=resume"], "no checkpoint at",
+                 id="train-resume-missing-checkpoint"),
+    pytest.param("train.py", [*NO_STEPS, "--out_dir=bogus", "--init_from=resume"], "not a checkpoint",
+                 id="train-resume-junk-checkpoint"),
+    pytest.param("train.py", [*NO_STEPS, "--init_from=resume", "--out_dir=ck", "--dataset=other_vocab"],
+                 "prepared with the checkpoint's tokenizer", id="train-resume-other-vocabulary"),
+    pytest.param("train.py", [*NO_STEPS, "--init_from=resume", "--out_dir=ck", "--dataset=swapped_chars"],
+                 "prepared with the checkpoint's tokenizer", id="train-resume-same-size-other-vocabulary"),
+    pytest.param("train.py", [*NO_STEPS, "--dataset=truncated"], "prepare the dataset again", id="train-truncated-bin"),
+    pytest.param("train.py", [*NO_STEPS, "--out_dir=ck"], "--init_from=resume", id="train-scratch-over-existing-run"),
+    pytest.param("train.py", ["--dtype=float8"], "unknown dtype 'float8'", id="train-unknown-dtype"),
+    pytest.param("train.py", ["--device=cuda"], "use --device=cpu", id="train-device-cuda-absent", marks=no_cuda),
+    pytest.param("train.py", ["--device=tpu"], "unknown device 'tpu'", id="train-unknown-device"),
+    pytest.param("train.py", ["--norm=batchnorm"], "unknown norm 'batchnorm'", id="train-unknown-norm"),
+    pytest.param("train.py", ["--dropout=1.5"], "dropout must be in [0, 1)", id="train-dropout-out-of-range"),
+    pytest.param("train.py", ["--init_from=gpt7"], "use scratch, resume", id="train-unknown-init-from"),
+    pytest.param("train.py", ["--gradient_accumulation_steps=0"], "gradient_accumulation_steps must be at least 1",
+                 id="train-grad-accum-0"),
+    # sample.py
+    pytest.param("sample.py", ["--out_dir=ck", "--start="], "the prompt is empty", id="sample-empty-prompt"),
+    pytest.param("sample.py", ["--out_dir=ck", "--start=日本"], "not in this dataset", id="sample-prompt-outside-vocab"),
+    pytest.param("sample.py", ["--out_dir=ck", "--start=FILE:nope.txt"], "prompt file 'nope.txt' not found",
+                 id="sample-missing-prompt-file"),
+    pytest.param("sample.py", ["--out_dir=nowhere"], "no checkpoint at", id="sample-missing-checkpoint"),
+    pytest.param("sample.py", ["--out_dir=bogus"], "not a checkpoint", id="sample-junk-checkpoint"),
+    pytest.param("sample.py", ["--out_dir=ck", "--temperature=-1"], "temperature >= 0", id="sample-negative-temperature"),
+    pytest.param("sample.py", ["--out_dir=ck", "--top_p=0"], "0 < top_p <= 1", id="sample-top-p-0"),
+    pytest.param("sample.py", ["--out_dir=ck", "--dtype=float8"], "unknown dtype 'float8'", id="sample-unknown-dtype"),
+    pytest.param("sample.py", ["--out_dir=ck", "--device=cuda"], "use --device=cpu", id="sample-device-cuda-absent",
+                 marks=no_cuda),
+    # bench.py
+    pytest.param("bench.py", ["--iters=0"], "iters, batch_size and block_size must be at least 1", id="bench-iters-0"),
+    pytest.param("bench.py", ["--dataset=nothing"], "--synthetic=True", id="bench-missing-dataset"),
+    pytest.param("bench.py", ["--n_embd=33", "--n_head=2"], "must be divisible by n_head", id="bench-n-embd-n-head"),
+    pytest.param("bench.py", ["--dtype=float8"], "unknown dtype 'float8'", id="bench-unknown-dtype"),
+    # prepare.py
+    pytest.param("prepare.py", ["--tokenizer=wordpiece"], "unknown tokenizer 'wordpiece'", id="prepare-unknown-tokenizer"),
+    pytest.param("prepare.py", ["--dataset=no_such_corpus"], "unknown dataset 'no_such_corpus'",
+                 id="prepare-unknown-dataset"),
+    pytest.param("prepare.py", ["--tokenizer=bpe", "--vocab_size=100"], "at least 257", id="prepare-bpe-vocab-too-small"),
+    pytest.param("prepare.py", ["--tokenizer=bpe:nope.tiktoken"], "tokenizer file nope.tiktoken not found",
+                 id="prepare-missing-bpe-file"),
+    pytest.param("prepare.py", ["--num_proc=0"], "num_proc >= 1", id="prepare-num-proc-0"),
+    pytest.param("prepare.py", ["--dataset=c4", "--mirror=nope"], "--mirror=nope is not a folder",
+                 id="prepare-missing-mirror"),
+]
+
+
+@pytest.mark.parametrize("script,args,needle", CASES)
+def test_bad_input_one_clear_line(workdir, script, args, needle):
+    before = snapshot(workdir)
+    p = run(script, *args, cwd=workdir, timeout=120)
+    lines = [line for line in p.stderr.splitlines() if line.strip()]
+    assert p.returncode != 0, p.stdout + p.stderr
+    assert "Traceback" not in p.stdout + p.stderr, p.stderr
+    assert len(lines) == 1 and lines[0].startswith("error:"), p.stderr
+    assert needle in lines[0], lines[0]
+    assert snapshot(workdir) == before  # nothing created, removed or touched
