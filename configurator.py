@@ -5,7 +5,8 @@ Command-line configuration shared by every script.
 
 Arguments are applied left to right: a config file is Python whose top-level
 assignments override the script's defaults; --key=value overrides one key, the
-value parsed with ast.literal_eval (a bare word is taken as a string). A value
+value parsed with ast.literal_eval (a bare word is taken as a string), and a bare
+--key sets a boolean key to True. A value
 must have the type of the default it replaces (an int may stand for a float).
 Every mistake ends the program with one line that says what to do instead.
 """
@@ -57,6 +58,8 @@ def configure(defaults, argv):
     for arg in argv:
         if arg.startswith("--"):
             key, eq, raw = arg[2:].partition("=")
+            if not eq and isinstance(defaults.get(key), bool):
+                eq, raw = "=", "True"  # a bare --flag switches a boolean on
             if not eq or not key:
                 fail(f"malformed argument {arg!r}; write --key=value")
             if key not in defaults:

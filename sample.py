@@ -3,10 +3,13 @@ Generate text from a trained checkpoint:
 
     python sample.py --start="Once"
     python sample.py --start=FILE:prompt.txt --out_dir=checkpoint/shakespeare_char --num_samples=3
+    python sample.py --prompts=prefixes.json --out=generation.jsonl   # one completion per prompt
+    python sample.py --interactive                                     # type a prompt, continue the story
 
 With no --out_dir, the most recently written checkpoint under checkpoint/ is used.
 """
 import glob
+import json
 import os
 import sys
 from contextlib import nullcontext
@@ -27,6 +30,9 @@ temperature = 0.8  # 0 is greedy
 top_k = 200  # 0 keeps every token
 top_p = 1.0  # nucleus sampling; 1.0 keeps every token
 seed = 1337
+prompts = ""  # a JSON file holding a list of prompt strings: one completion each, written to `out`
+out = "generation.jsonl"
+interactive = False
 device = "auto"
 dtype = "auto"
 # -----------------------------------------------------------------------------
@@ -64,8 +70,6 @@ def read_prompt(start):
             fail(f"prompt file {path!r} not found")
         with open(path, encoding="utf-8") as f:
             start = f.read()
-    if not start:
-        fail("the prompt is empty; give some text with --start=... (for example --start='\\n')")
     return start
 
 
@@ -80,20 +84,72 @@ if __name__ == "__main__":
         torch.autocast(device_type=device_type, dtype=getattr(torch, dtype))
 
     model, tokenizer, path = load_checkpoint(out_dir, checkpoint_name, device)
-    prompt = read_prompt(start)
-    try:
-        ids = tokenizer.encode(prompt)
-    except tok.TokenizerError as e:
-        fail(f"the prompt cannot be encoded: {e}")
-    print(f"sampling from {path}", file=sys.stderr)
     generator = torch.Generator(device=device).manual_seed(seed)
-    x = torch.tensor(ids, dtype=torch.long, device=device)[None, :]
-    for _ in range(num_samples):
+
+    def encode(text):
+        if not text:
+            raise tok.TokenizerError("the prompt is empty; give some text (for example --start='\\n')")
+        try:
+            return tokenizer.encode(text)
+        except tok.TokenizerError as e:
+            raise tok.TokenizerError(f"the prompt cannot be encoded: {e}") from None
+
+    def encode_or_fail(text):
+        try:
+            return encode(text)
+        except tok.TokenizerError as e:
+            fail(str(e))
+
+    def complete(ids):
+        """The new tokens after ids, up to max_new_tokens, stopping before end-of-text."""
+        x = torch.tensor(ids, dtype=torch.long, device=device)[None, :]
         with autocast:
             y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                eot_token=tokenizer.eot_token, generator=generator)
-        out = y[0].tolist()
-        if tokenizer.eot_token in out[len(ids):]:
-            out = out[:len(ids) + out[len(ids):].index(tokenizer.eot_token)]
-        print(tokenizer.decode(out))
-        print("---------------")
+        new = y[0, len(ids):].tolist()
+        return new[:new.index(tokenizer.eot_token)] if tokenizer.eot_token in new else new
+
+    settings = dict(checkpoint=path, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                    top_p=top_p, seed=seed)
+    if prompts:
+        try:
+            with open(prompts, encoding="utf-8") as f:
+                texts = json.load(f)
+            assert isinstance(texts, list) and all(isinstance(t, str) for t in texts)
+        except (OSError, ValueError, AssertionError):
+            fail(f"--prompts={prompts} must be a readable JSON file holding a list of strings")
+        encoded = [encode_or_fail(t) for t in texts]  # refuse bad prompts before any work or output
+        with open(out + ".tmp", "w", encoding="utf-8") as f:
+            for text, ids in zip(texts, encoded):
+                f.write(json.dumps({"prompt": text, "completion": tokenizer.decode(complete(ids)), **settings},
+                                   ensure_ascii=False) + "\n")
+        os.replace(out + ".tmp", out)
+        print(f"wrote {len(texts)} completions to {out}", file=sys.stderr)
+    elif interactive:
+        print(f"{path}: type a prompt and press Enter; Ctrl-D or Ctrl-C to leave.")
+        story = []
+        try:
+            while True:
+                if not story:
+                    try:
+                        story = encode(input("prompt> "))
+                    except tok.TokenizerError as e:
+                        print(e)
+                        continue
+                    print(tokenizer.decode(story), end="")
+                new = complete(story)
+                print(tokenizer.decode(new), flush=True)
+                story += new
+                answer = input("[c]ontinue this story, [n]ew story, [q]uit? ").strip().lower()
+                if answer.startswith("q"):
+                    break
+                if answer.startswith("n"):
+                    story = []
+        except (EOFError, KeyboardInterrupt):
+            print()
+    else:
+        ids = encode_or_fail(read_prompt(start))
+        print(f"sampling from {path}", file=sys.stderr)
+        for _ in range(num_samples):
+            print(tokenizer.decode(ids + complete(ids)))
+            print("---------------")

@@ -42,6 +42,8 @@ eval_iters = 50  # batches per split in the quick estimate made at each eval
 eval_only = False  # evaluate the checkpoint on the whole validation split and exit
 always_save_checkpoint = True  # save ckpt.pt at every eval, not only when val loss improves
 final_eval = True  # after training, evaluate the whole validation split into eval.json
+plot = True  # redraw out_dir/loss.png at every eval
+plot_log_scale = True  # logarithmic loss axis
 # wandb
 wandb_log = False
 wandb_project = "gpt"
@@ -389,6 +391,39 @@ def save_checkpoint(path):
              f"Free disk space or choose a writable --out_dir, then resume")
 
 
+def plot_losses():
+    """Train and validation loss against iterations (bottom axis) and tokens seen (top axis)."""
+    import matplotlib
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
+    train = [(r["iter"], r["loss"]) for r in records if "loss" in r]
+    val = [(r["iter"], r["val_loss"]) for r in records if "val_loss" in r]
+    if train:
+        ax.plot(*zip(*train), color="tab:blue", alpha=0.6, lw=1, label="train loss (per step)")
+    if val:
+        ax.plot(*zip(*val), color="tab:orange", marker="o", ms=3, lw=2, label="validation loss (estimate)")
+    if plot_log_scale:
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.1f"))
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%.1f"))
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("cross-entropy loss (nats per token)")
+    top = ax.secondary_xaxis("top", functions=(lambda i: i * tokens_per_iter / 1e6, lambda t: t * 1e6 / tokens_per_iter))
+    top.set_xlabel("tokens seen (millions)")
+    ax.set_title(f"{os.path.basename(os.path.abspath(out_dir))}: {dataset}, {raw_model.num_params() / 1e6:.1f}M "
+                 f"parameters" + (f", best val {best_val_loss:.3f}" if val else ""))
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "loss.png.tmp"), format="png")
+    plt.close(fig)
+    os.replace(os.path.join(out_dir, "loss.png.tmp"), os.path.join(out_dir, "loss.png"))
+
+
 def write_json(name, obj):
     tmp = os.path.join(out_dir, name + ".tmp")
     with open(tmp, "w") as f:
@@ -520,6 +555,8 @@ while iter_num < max_iters:
             f.write(json.dumps(record) + "\n")
         if wandb_log:
             wandb.log(record, step=iter_num)
+        if plot and "val_loss" in record:
+            plot_losses()
     if stopping:
         again = " ".join(a for a in sys.argv[1:] if not a.startswith("--init_from="))
         log(f"{stop_signal or 'a stop request'} received: saved {ckpt_path} at iteration {iter_num}. "
