@@ -223,7 +223,7 @@ def pretrained_gpt2():
     if meta["tokenizer"] != "gpt2":
         fail(f"GPT-2 weights need a dataset prepared with the gpt2 tokenizer, but {dataset!r} uses "
              f"{meta['tokenizer']}; run python prepare.py --tokenizer=gpt2")
-    folder = init_from[3:]
+    folder = init_from.removeprefix("hf:") if init_from.startswith("hf:") else ""
     if not folder:
         try:
             from huggingface_hub import snapshot_download
