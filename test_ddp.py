@@ -132,7 +132,7 @@ def test_two_processes_match_one_with_the_same_global_batch(runs):
 
 def test_only_rank0_writes_and_ddp_resume_matches_single_process_resume(runs):
     d, files = runs
-    assert files == ["best.pt", "ckpt.pt", "log.jsonl"]  # nothing per rank, no temporaries left
+    assert files == ["best.pt", "ckpt.pt", "log.jsonl", "loss.png"]  # nothing per rank, no temporaries left
     assert [r["iter"] for r in read_log(d / "ddp" / "log.jsonl")] == list(range(1, 9))  # one writer
     resume = [*TINY, "--gradient_accumulation_steps=2", "--max_iters=12", "--eval_interval=8",
               "--final_eval=False", "--init_from=resume"]

@@ -125,8 +125,12 @@ def test_kill_inside_checkpoint_write_keeps_previous(workdir):
     try:
         wait_for(lambda: (out / "ckpt.pt").exists(), proc)
         before = (out / "ckpt.pt").read_bytes()
-        wait_for(lambda: (out / "ckpt.pt.tmp").exists() and (out / "ckpt.pt").read_bytes() == before
-                 and (out / "ckpt.pt.tmp").stat().st_size > 0, proc)
+        def writing():
+            try:  # the temporary file is renamed away the moment the write ends
+                return (out / "ckpt.pt.tmp").stat().st_size > 0 and (out / "ckpt.pt").read_bytes() == before
+            except FileNotFoundError:
+                return False
+        wait_for(writing, proc)
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
     finally:
