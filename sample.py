@@ -56,11 +56,11 @@ def load_checkpoint(out_dir, checkpoint_name, device):
         fail(f"{path} is not a checkpoint this model can load ({type(e).__name__}: {str(e).splitlines()[0]})")
     data_dir = os.path.join("data", checkpoint["config"].get("dataset", ""))
     try:
-        tokenizer = tok.from_meta(checkpoint["meta"], data_dir)
+        encoder = tok.from_meta(checkpoint["meta"], data_dir)
     except tok.TokenizerError as e:
         fail(str(e))
     model.eval().to(device)
-    return model, tokenizer, path
+    return model, encoder, path
 
 
 def read_prompt(start):

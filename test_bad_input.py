@@ -17,7 +17,7 @@ ENV = dict(os.environ, HF_HUB_OFFLINE="1")
 TINY = ["--dataset=shakespeare_char", "--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32",
         "--batch_size=4"]
 # for cases that get as far as a model: should a check ever let one through, it trains nothing and writes nothing
-NO_STEPS = [*TINY, "--max_iters=2", "--eval_iters=1", "--final_eval=False"]
+NO_STEPS = [*TINY, "--max_iters=2", "--eval_iters=1", "--final_eval=False", "--plot=False"]
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA, so --device=cuda is valid")
 
 

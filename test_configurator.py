@@ -1,14 +1,9 @@
-"""configurator.configure and the scripts' handling of bad command lines."""
-import os
-import subprocess
-import sys
+"""configurator.configure: what it accepts and how it refuses."""
 
 import pytest
 
-import configurator
 from configurator import configure, resolve_device, resolve_dtype
 
-REPO = os.path.dirname(os.path.abspath(__file__))
 
 DEFAULTS = {
     "batch_size": 12,
@@ -222,51 +217,4 @@ def test_resolve_device_cuda_without_cuda_fails(capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "CUDA is not available" in err and "--device=cpu" in err
 
-
-# --------------------------------------------------------------------------- scripts as subprocesses
-
-def run_script(script, args, cwd):
-    return subprocess.run([sys.executable, os.path.join(REPO, script), *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=120)
-
-
-def assert_one_error_line(proc):
-    assert proc.returncode != 0
-    lines = [l for l in proc.stderr.splitlines() if l.strip()]
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("error:")
-    assert "Traceback" not in proc.stderr
-    return lines[0]
-
-
-def test_train_unknown_key(tmp_path):
-    proc = run_script("train.py", ["--batch_sise=3"], tmp_path)
-    line = assert_one_error_line(proc)
-    assert proc.returncode == 2
-    assert "batch_sise" in line and "batch_size" in line
-    assert list(tmp_path.iterdir()) == []  # nothing written
-
-
-def test_prepare_bad_value(tmp_path):
-    proc = run_script("prepare.py", ["--tokenizer=nope"], tmp_path)
-    line = assert_one_error_line(proc)
-    assert proc.returncode == 2
-    assert "nope" in line
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_sample_wrong_type(tmp_path):
-    proc = run_script("sample.py", ["--temperature=hot"], tmp_path)
-    line = assert_one_error_line(proc)
-    assert proc.returncode == 2
-    assert "temperature" in line and "float" in line and "hot" in line
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_bench_out_of_range():
-    # bench.py reads train.py's defaults by the relative path "train.py", so it only runs with the
-    # repository as working directory; --iters=0 fails before anything is measured or written.
-    proc = run_script("bench.py", ["--iters=0"], REPO)
-    line = assert_one_error_line(proc)
-    assert proc.returncode == 2
-    assert "iters" in line
+# The scripts' own command lines are covered case by case in test_bad_input.py.

@@ -6,7 +6,6 @@ Independent runs are started together so the file stays fast on a small machine.
 import gzip
 import json
 import os
-import random
 import signal
 import subprocess
 import sys

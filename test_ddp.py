@@ -137,7 +137,7 @@ def test_only_rank0_writes_and_ddp_resume_matches_single_process_resume(runs):
     resume = [*TINY, "--gradient_accumulation_steps=2", "--max_iters=12", "--eval_interval=8",
               "--final_eval=False", "--init_from=resume"]
     launch(([*resume, "--out_dir=single"], False), ([*resume, "--out_dir=ddp"], True), cwd=d)
-    assert sorted(os.listdir(d / "ddp")) == ["best.pt", "ckpt.pt", "log.jsonl"]
+    assert sorted(os.listdir(d / "ddp")) == ["best.pt", "ckpt.pt", "log.jsonl", "loss.png"]
     single, ddp = losses(d / "single" / "log.jsonl"), losses(d / "ddp" / "log.jsonl")
     assert [r["iter"] for r in read_log(d / "ddp" / "log.jsonl")] == list(range(1, 13))
     assert sorted(single) == list(range(1, 13))

@@ -14,7 +14,8 @@ import torch
 REPO = os.path.dirname(os.path.abspath(__file__))
 TINY = ["--dataset=shakespeare_char", "--n_layer=2", "--n_head=2", "--n_embd=64", "--block_size=64",
         "--batch_size=8", "--log_interval=1", "--eval_interval=10", "--eval_iters=2", "--warmup_iters=5",
-        "--lr_decay_iters=40", "--max_iters=40", "--dropout=0.1", "--final_eval=False", "--device=cpu"]
+        "--lr_decay_iters=40", "--max_iters=40", "--dropout=0.1", "--final_eval=False", "--device=cpu",
+        "--plot=False"]
 
 
 def run(*args, cwd, check=True, env=None):
@@ -118,7 +119,7 @@ def test_kill_inside_checkpoint_write_keeps_previous(workdir):
     # a model big enough that writing its checkpoint takes a moment, trained on tiny batches
     big = ["--dataset=shakespeare_char", "--n_layer=2", "--n_head=4", "--n_embd=512", "--block_size=8",
            "--batch_size=1", "--eval_interval=2", "--eval_iters=1", "--max_iters=1000", "--final_eval=False",
-           "--out_dir=big"]
+           "--out_dir=big", "--plot=False"]
     out = workdir / "big"
     proc = subprocess.Popen([sys.executable, os.path.join(REPO, "train.py"), *big], cwd=workdir,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
