@@ -92,6 +92,8 @@ if learning_rate <= 0 or min_lr < 0:
     fail(f"learning_rate must be positive and min_lr not negative, got {learning_rate} and {min_lr}")
 if not 0 <= dropout < 1:
     fail(f"dropout must be in [0, 1), got {dropout}")
+if decay_lr and lr_decay_iters <= warmup_iters:
+    fail(f"lr_decay_iters ({lr_decay_iters}) must be larger than warmup_iters ({warmup_iters})")
 if n_embd % n_head:
     fail(f"n_embd ({n_embd}) must be divisible by n_head ({n_head})")
 if norm not in ("layernorm", "rmsnorm"):
@@ -260,7 +262,7 @@ else:
             source = load_checkpoint(init_from)
             model = GPT(GPTConfig(**dict(source["model_args"], dropout=dropout)))
             model.load_state_dict(source["model"])
-            source = None
+            del source  # free the memory
         else:
             model = pretrained_gpt2()
         if block_size < model.config.block_size:
