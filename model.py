@@ -196,10 +196,10 @@ class GPT(nn.Module):
             if not use_cache:
                 logits, _ = self(idx[:, start:])
             elif filled == 0:
-                if cache is None:
-                    cache = self.new_cache(idx.size(0), idx.device, self.lm_head.weight.dtype
-                                           if not torch.is_autocast_enabled(idx.device.type)
-                                           else torch.get_autocast_dtype(idx.device.type))
+                if cache is None:  # under autocast, keys and values come out in the autocast dtype
+                    kind = idx.device.type
+                    dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else self.lm_head.weight.dtype
+                    cache = self.new_cache(idx.size(0), idx.device, dtype)
                 logits, _ = self(idx[:, start:], cache=cache, pos=0)
                 filled = idx.size(1) - start
             else:
