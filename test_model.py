@@ -146,3 +146,30 @@ def test_mfu_uses_flops_per_token():
     per_token = model.flops_per_token()
     assert per_token == 6 * model.num_params() + 12 * 2 * 32 * 32
     assert model.estimate_mfu(1000, per_token * 4000) == pytest.approx(0.25)
+
+
+def train_50_steps(bf16):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=32, vocab_size=64, n_layer=2, n_head=2, n_embd=32))
+    opt = model.configure_optimizers(0.1, 3e-3, (0.9, 0.95), "cpu")
+    gen = torch.Generator().manual_seed(0)
+    data = (torch.randint(8, (20000,), generator=gen) * (torch.arange(20000) % 3))  # something to learn
+    losses = []
+    for _ in range(50):
+        ix = torch.randint(len(data) - 33, (8,), generator=gen).tolist()
+        x = torch.stack([data[i:i + 32] for i in ix])
+        y = torch.stack([data[i + 1:i + 33] for i in ix])
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            _, loss = model(x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+def test_bf16_autocast_training_tracks_fp32():
+    # tolerance: 0.05 nats at every one of 50 steps (measured: about 0.0015), and both really learn
+    fp32, bf16 = train_50_steps(False), train_50_steps(True)
+    assert max(abs(a - b) for a, b in zip(fp32, bf16)) < 0.05
+    assert bf16[-1] < 0.6 * bf16[0] and fp32[-1] < 0.6 * fp32[0]
