@@ -196,6 +196,8 @@ def encode_stream(labelled_docs, files, budgets, counts, meta, eot, dtype, desc)
     every split it feeds has reached its token budget (0 is no limit). Counts are updated in place."""
     data_dir = os.path.dirname(next(iter(files.values())).name)
     batches = iter(lambda: list(itertools.islice(labelled_docs, batch_docs)), [])
+    # Ctrl-C must reach this process even when it was started with SIGINT ignored; workers ignore it
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     if num_proc > 1:
         # spawned workers import only the tokenizer, not the parent's loaded datasets and pyarrow
         pool = get_context("spawn").Pool(num_proc, _init_worker, (meta, data_dir, dtype))
@@ -203,7 +205,7 @@ def encode_stream(labelled_docs, files, budgets, counts, meta, eot, dtype, desc)
     else:
         pool = None
         _init_worker(meta, data_dir, dtype)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # _init_worker ignored it
         results = map(_encode, batches)
     bar = tqdm(desc=desc, unit=" docs", dynamic_ncols=True, mininterval=0.5)
     start, streamed = time.time(), 0

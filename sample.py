@@ -11,6 +11,7 @@ With no --out_dir, the most recently written checkpoint under checkpoint/ is use
 import glob
 import json
 import os
+import signal
 import sys
 from contextlib import nullcontext
 
@@ -126,6 +127,8 @@ if __name__ == "__main__":
         os.replace(out + ".tmp", out)
         print(f"wrote {len(texts)} completions to {out}", file=sys.stderr)
     elif interactive:
+        # Ctrl-C must leave even when this was started with SIGINT ignored (as background jobs are)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         print(f"{path}: type a prompt and press Enter; Ctrl-D or Ctrl-C to leave.")
         story = []
         try:

@@ -569,4 +569,5 @@ if final_eval and not stopping and max_iters > 0:
     final_evaluation()
 log(f"done in {(time.time() - t0) / 60:.1f} min; best val loss {best_val_loss:.4f}")
 if ddp:
+    dist.barrier()  # rank 0 may still be writing; a process group torn down early aborts the others
     dist.destroy_process_group()
