@@ -15,12 +15,11 @@ import os
 import resource
 import sys
 import time
-from contextlib import nullcontext
 
 import numpy as np
 import torch
 
-from configurator import configure, fail, resolve_device, resolve_dtype, script_defaults
+from configurator import autocast, configure, fail, resolve_device, resolve_dtype, script_defaults
 from model import GPT, GPTConfig
 
 BENCH_DEFAULTS = dict(
@@ -94,7 +93,7 @@ def bench_training(cfg, vocab_size, device, dtype, compiled, peak):
     optimizer = model.configure_optimizers(cfg["weight_decay"], cfg["learning_rate"], (cfg["beta1"], cfg["beta2"]),
                                            device_type)
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
-    autocast = nullcontext() if dtype == "float32" else torch.autocast(device_type, dtype=getattr(torch, dtype))
+    mixed_precision = autocast(device, dtype)
     step_model = torch.compile(model) if compiled else model
     data = batches(cfg, vocab_size, device)
     if device.startswith("cuda"):
@@ -103,7 +102,7 @@ def bench_training(cfg, vocab_size, device, dtype, compiled, peak):
     def step(i):
         for micro in range(cfg["gradient_accumulation_steps"]):
             x, y = data[(i * cfg["gradient_accumulation_steps"] + micro) % len(data)]
-            with autocast:
+            with mixed_precision:
                 loss = step_model(x, y)[1] / cfg["gradient_accumulation_steps"]
             scaler.scale(loss).backward()
         if cfg["grad_clip"] > 0:
@@ -143,12 +142,11 @@ def bench_training(cfg, vocab_size, device, dtype, compiled, peak):
 def bench_sampling(model, cfg, device, dtype):
     """Seconds to the first token and tokens/s for sample_tokens greedy tokens, cached and recomputed."""
     model.eval()
-    device_type = device.split(":")[0]
-    autocast = nullcontext() if dtype == "float32" else torch.autocast(device_type, dtype=getattr(torch, dtype))
+    mixed_precision = autocast(device, dtype)
     prompt = torch.zeros((1, 1), dtype=torch.long, device=device)
     results = {}
     for use_cache in (True, False):
-        with autocast:
+        with mixed_precision:
             sync(device)
             t = time.perf_counter()
             model.generate(prompt, 1, temperature=0, use_cache=use_cache)

@@ -147,3 +147,12 @@ def script_defaults(path):
             except ValueError:
                 pass  # computed values are not config
     return defaults_from(defaults)
+
+
+def autocast(device, dtype):
+    """The mixed-precision context for a resolved device and dtype: nothing for float32."""
+    import contextlib
+    import torch
+    if dtype == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.split(":")[0], dtype=getattr(torch, dtype))

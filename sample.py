@@ -13,12 +13,11 @@ import json
 import os
 import signal
 import sys
-from contextlib import nullcontext
 
 import torch
 
 import tokenizer as tok
-from configurator import configure, defaults_from, fail, resolve_device, resolve_dtype
+from configurator import autocast, configure, defaults_from, fail, resolve_device, resolve_dtype
 from model import GPT, GPTConfig
 
 # -----------------------------------------------------------------------------
@@ -80,9 +79,7 @@ if __name__ == "__main__":
         fail("need temperature >= 0, top_k >= 0, 0 < top_p <= 1, max_new_tokens >= 1 and num_samples >= 1")
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
-    device_type = device.split(":")[0]
-    autocast = nullcontext() if dtype == "float32" else \
-        torch.autocast(device_type=device_type, dtype=getattr(torch, dtype))
+    mixed_precision = autocast(device, dtype)
 
     model, tokenizer, path = load_checkpoint(out_dir, checkpoint_name, device)
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -104,7 +101,7 @@ if __name__ == "__main__":
     def complete(ids):
         """The new tokens after ids, up to max_new_tokens, stopping before end-of-text."""
         x = torch.tensor(ids, dtype=torch.long, device=device)[None, :]
-        with autocast:
+        with mixed_precision:
             y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                eot_token=tokenizer.eot_token, generator=generator)
         new = y[0, len(ids):].tolist()

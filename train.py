@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import tokenizer as tok
 from bench import measure_peak_flops
-from configurator import configure, defaults_from, fail, resolve_device, resolve_dtype
+from configurator import autocast, configure, defaults_from, fail, resolve_device, resolve_dtype
 from model import GPT, GPTConfig, from_hf_gpt2
 
 # -----------------------------------------------------------------------------
@@ -124,8 +124,7 @@ else:
 master = rank == 0
 device_type = device.split(":")[0]
 dtype = resolve_dtype(dtype, device)
-ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-autocast = nullcontext() if dtype == "float32" else torch.autocast(device_type=device_type, dtype=ptdtype)
+mixed_precision = autocast(device, dtype)
 if device_type == "cuda":
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
@@ -326,7 +325,7 @@ def estimate_loss():
         total = 0.0
         for _ in range(eval_iters):
             x, y = windows(data, torch.randint(len(data) - block_size, (batch_size,), generator=gen).tolist())
-            with autocast:
+            with mixed_precision:
                 total += model(x, y)[1].item()
         s, n = all_reduce_sum([total, eval_iters])
         out[split] = s / n
@@ -352,7 +351,7 @@ def evaluate_split(split="val"):
         for row, (s, n) in enumerate(zip(chunk, lengths)):
             x[row, :n] = torch.from_numpy(data[s:s + n].astype(np.int64))
             y[row, :n] = torch.from_numpy(data[s + 1:s + 1 + n].astype(np.int64))
-        with autocast:
+        with mixed_precision:
             loss = raw_model(to_device(x), to_device(y))[1]
         loss_sum += loss.item() * sum(lengths)
         count += sum(lengths)
@@ -510,7 +509,7 @@ while iter_num < max_iters:
     step_loss = 0.0
     for micro_step, (x, y) in enumerate(batches):
         last = micro_step == len(batches) - 1
-        with (model.no_sync() if ddp and not last else nullcontext()), autocast:
+        with (model.no_sync() if ddp and not last else nullcontext()), mixed_precision:
             _, loss = model(x, y)
             loss = loss / gradient_accumulation_steps
         scaler.scale(loss).backward()
