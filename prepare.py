@@ -233,11 +233,12 @@ def encode_stream(labelled_docs, files, budgets, counts, meta, eot, dtype, desc)
 def compare_with_gpt2(t, report_bytes=20_000_000):
     """Print bytes per token and tokens per document for t and GPT-2 on (the start of) the validation text."""
     docs, size = [], 0
-    for _, stream in corpus()[0]:
-        for split, text in stream:
-            if split == "val" and size < report_bytes:
-                docs.append(text)
-                size += len(text.encode("utf-8"))
+    val_texts = (text for _, stream in corpus()[0] for split, text in stream if split == "val")
+    for text in val_texts:  # stop streaming once enough text is in hand
+        docs.append(text)
+        size += len(text.encode("utf-8"))
+        if size >= report_bytes:
+            break
     gpt2 = tok.gpt2()
     print(f"{'validation text':<16}{'vocab':>8}{'bytes/token':>13}{'tokens/doc':>12}   ({len(docs):,} documents, {size:,} bytes)")
     for label, enc in (("this BPE", t), ("GPT-2", gpt2)):
