@@ -442,8 +442,17 @@ def final_evaluation():
         f"-> {os.path.join(out_dir, 'eval.json')}")
 
 
+def shut_down():
+    """Ranks meet before the process group goes: rank 0 may still be writing, and a process that exits
+    with the group alive aborts in gloo's destructors ("terminate called without an active exception")."""
+    if ddp:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 if eval_only:
     final_evaluation()
+    shut_down()
     sys.exit(0)
 
 # -----------------------------------------------------------------------------
@@ -567,6 +576,4 @@ while iter_num < max_iters:
 if final_eval and not stopping and max_iters > 0:
     final_evaluation()
 log(f"done in {(time.time() - t0) / 60:.1f} min; best val loss {best_val_loss:.4f}")
-if ddp:
-    dist.barrier()  # rank 0 may still be writing; a process group torn down early aborts the others
-    dist.destroy_process_group()
+shut_down()
