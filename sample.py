@@ -17,7 +17,7 @@ import sys
 import torch
 
 import tokenizer as tok
-from configurator import autocast, configure, defaults_from, fail, resolve_device, resolve_dtype
+from configurator import configure, defaults_from, fail, resolve_device, resolve_dtype
 from model import GPT, GPTConfig
 
 # -----------------------------------------------------------------------------
@@ -79,9 +79,11 @@ if __name__ == "__main__":
         fail("need temperature >= 0, top_k >= 0, 0 < top_p <= 1, max_new_tokens >= 1 and num_samples >= 1")
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
-    mixed_precision = autocast(device, dtype)
 
     model, tokenizer, path = load_checkpoint(out_dir, checkpoint_name, device)
+    # each new token reads every weight once, so generation is bound by memory traffic: weights stored in
+    # half precision halve it, where autocast would convert every weight again for every token
+    model.to(getattr(torch, dtype))
     generator = torch.Generator(device=device).manual_seed(seed)
 
     def encode(text):
@@ -101,9 +103,8 @@ if __name__ == "__main__":
     def complete(ids):
         """The new tokens after ids, up to max_new_tokens, stopping before end-of-text."""
         x = torch.tensor(ids, dtype=torch.long, device=device)[None, :]
-        with mixed_precision:
-            y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                               eot_token=tokenizer.eot_token, generator=generator)
+        y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                           eot_token=tokenizer.eot_token, generator=generator)
         new = y[0, len(ids):].tolist()
         return new[:new.index(tokenizer.eot_token)] if tokenizer.eot_token in new else new
 

@@ -92,6 +92,23 @@ def test_cached_logits_match_full_forward():
         assert torch.allclose(step, full, atol=1e-5)
 
 
+def test_generation_with_bfloat16_weights_follows_float32():
+    """sample.py stores the weights in the sampling dtype: the cache must take that dtype, and the
+    cached bf16 logits must stay within bf16 rounding of the fp32 model's full forward."""
+    model = tiny()
+    x = torch.randint(61, (1, 12))
+    half = tiny().to(torch.bfloat16)
+    out = half.generate(x[:, :8], 30, temperature=0)  # 30 new tokens slide the window past block_size
+    assert out.shape == (1, 38)
+    cache = half.new_cache(1, "cpu", torch.bfloat16)
+    half(x[:, :8], cache=cache, pos=0)
+    for i in range(8, 12):
+        step, _ = half(x[:, i:i + 1], cache=cache, pos=i)
+        full, _ = model(x[:, :i + 1])
+        assert step.dtype == torch.bfloat16
+        assert torch.allclose(step.float(), full, atol=0.01), (step.float() - full).abs().max()
+
+
 def test_generation_stops_at_end_of_text():
     model = tiny()
     prompt = torch.tensor([[1, 2, 3], [4, 5, 6]])
