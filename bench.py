@@ -159,7 +159,7 @@ def bench_sampling(model, cfg, device, dtype):
         sync(device)
         total = time.perf_counter() - t
         results[use_cache] = out
-        print(f"sampling {'with' if use_cache else 'without'} KV cache: first token {first * 1000:.1f} ms, "
+        print(f"sampling ({dtype} weights) {'with' if use_cache else 'without'} KV cache: first token {first * 1000:.1f} ms, "
               f"{cfg['sample_tokens'] / total:,.0f} tokens/s ({cfg['sample_tokens']} tokens in {total:.2f} s)")
     same = torch.equal(results[True], results[False])
     print(f"greedy output with cache {'equals' if same else 'DIFFERS FROM'} recomputation")
