@@ -48,7 +48,8 @@ text_field = "text"      # the column that holds the documents (json, parquet, h
 mirror = ""              # a local folder holding a copy of the hub repository's files, used instead of the hub
 out = ""                 # output folder name under data/; default <dataset> or <dataset>_<tokenizer>
 max_tokens = 0           # stop the training split after this many tokens (0: the whole corpus)
-val_tokens = 0           # stop the validation split after this many tokens (0: no limit)
+val_tokens = 0           # stop the validation split after this many tokens (0: no limit, or the held-out
+                         # share of max_tokens when that is set, so streaming stops once both are full)
 val_fraction = 0.0       # share held out where a corpus has no validation split (0: 10% of plays, 0.5% of documents)
 num_proc = os.cpu_count() or 1  # tokenizer worker processes
 batch_docs = 256         # documents per unit of work sent to a worker
@@ -93,7 +94,7 @@ def markdown_to_text(md):
             line = speaker.group(1).strip() + ":"
         else:
             line = re.sub(r"^#+\s*", "", line)
-            line = line.replace("**", "").replace("_", "").replace("\\", "")
+            line = line.replace("*", "").replace("_", "").replace("\\", "")
         lines.append(line.strip())
     return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip() + "\n"
 
@@ -135,8 +136,14 @@ def local_source(path):
         found = "no .txt, .json(l)(.gz) or .parquet files" if not builders else "a mix of " + ", ".join(builders)
         fail(f"{path} holds {found}; point --dataset at files of one of those formats")
     (builder, files), = builders.items()
-    kwargs = {"sample_by": "document"} if builder == "text" else {}  # a .txt file is one document
+    # in a folder each .txt file is one document; a lone file is split at blank lines, which keeps
+    # memory flat however big it is and gives the hash hold-out more than one document to choose from
+    kwargs = {"sample_by": "paragraph" if os.path.isfile(path) else "document"} if builder == "text" else {}
     return dict(path=builder, data_files={"train": files}, **kwargs), None, os.path.abspath(path)
+
+
+class CorpusError(Exception):
+    """A corpus that stopped being readable part-way through the stream."""
 
 
 def stream_split(load_args, split, description):
@@ -145,19 +152,30 @@ def stream_split(load_args, split, description):
     from datasets import load_dataset
     datasets.logging.set_verbosity_error()
     datasets.disable_progress_bars()
+
+    def read_error(e):
+        if load_args["path"] in LOCAL_BUILDERS.values() or mirror:
+            where = f"the files in --mirror={mirror}" if mirror else description
+            return f"could not read {where}: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+        return (f"could not load {description} from the Hugging Face hub ({type(e).__name__}); without internet, "
+                f"download its files and pass --mirror=FOLDER, or use local files with --dataset=PATH")
+
     try:
         ds = load_dataset(**load_args, split=split, streaming=True)
         field = "text" if load_args["path"] == "text" else text_field
         first = next(iter(ds.take(1)), None)
     except Exception as e:
-        if load_args["path"] in LOCAL_BUILDERS.values() or mirror:
-            where = f"the files in --mirror={mirror}" if mirror else description
-            fail(f"could not read {where}: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}")
-        fail(f"could not load {description} from the Hugging Face hub ({type(e).__name__}); without internet, "
-             f"download its files and pass --mirror=FOLDER, or use local files with --dataset=PATH")
+        fail(read_error(e))
     if first is not None and field not in first:
         fail(f"{description} has no field {field!r}; its fields are {', '.join(first)}; set --text_field")
-    return (row[field] for row in ds)
+
+    def texts():
+        try:  # a broken file deep in the corpus is met only while streaming
+            for row in ds:
+                yield row[field]
+        except Exception as e:  # raised, not exited: a pool thread may be the one reading this stream
+            raise CorpusError(read_error(e)) from None
+    return texts()
 
 
 def held_out(text):
@@ -277,7 +295,7 @@ def corpus():
         passes = [("train+val", (("val" if held_out(d) else "train", d) for d in train_docs))]
         rule = f"documents whose blake2b hash falls in the lowest {val_fraction:.2%} go to val"
     return passes, {"dataset": description, "mirror": os.path.abspath(mirror) if mirror else None,
-                    "split": rule, "max_tokens": max_tokens, "val_tokens": val_tokens}
+                    "split": rule}
 
 
 def main():
@@ -305,9 +323,26 @@ def main():
         print(f"streaming {dataset}{' from ' + mirror if mirror else ''} ...", flush=True)
     passes, source = corpus()
 
+    created = not os.path.exists(data_dir)
     os.makedirs(data_dir, exist_ok=True)
-    # a BPE file is staged beside the bins and moved into place with them
+    # the bins, and a BPE file, are staged beside the dataset and moved into place together at the end
     staged_bpe = os.path.join(data_dir, "tokenizer.tiktoken.tmp")
+    tmp = {split: os.path.join(data_dir, f"{split}.bin.tmp") for split in ("train", "val")}
+
+    def discard():
+        """Leave the folder as it was: an earlier dataset untouched, a new folder gone."""
+        for p in [*tmp.values(), staged_bpe]:
+            if os.path.exists(p):
+                os.remove(p)
+        if created and not os.listdir(data_dir):
+            os.rmdir(data_dir)
+
+    counts = {"train": [0, 0], "val": [0, 0]}
+    budgets = {"train": max_tokens, "val": val_tokens}
+    if max_tokens and not val_tokens:
+        budgets["val"] = max(1, round(max_tokens * val_fraction / (1 - val_fraction)))
+        print(f"--max_tokens without --val_tokens: the validation split stops at {budgets['val']:,} tokens, "
+              f"its {val_fraction:.1%} share", flush=True)
     try:
         if tokenizer == "gpt2":
             t = tok.gpt2()
@@ -320,19 +355,14 @@ def main():
             t = tok.train_bpe(train_texts, vocab_size, staged_bpe)
             print(f"trained a {t.vocab_size}-id BPE on the training split in {time.time() - began:.1f} s")
         else:
+            tok.bpe(tokenizer[4:])  # a bad file is refused under the name the user gave
             shutil.copyfile(tokenizer[4:], staged_bpe)
             t = tok.bpe(staged_bpe)
-    except tok.TokenizerError as e:
-        fail(str(e))
-    meta_for_workers = t.meta
-    if tokenizer.startswith("bpe"):
-        t.meta = dict(t.meta, tokenizer_file="tokenizer.tiktoken")
-    dtype = np.uint16 if t.vocab_size <= 2 ** 16 else np.uint32
+        meta_for_workers = t.meta
+        if tokenizer.startswith("bpe"):
+            t.meta = dict(t.meta, tokenizer_file="tokenizer.tiktoken")
+        dtype = np.uint16 if t.vocab_size <= 2 ** 16 else np.uint32
 
-    tmp = {split: os.path.join(data_dir, f"{split}.bin.tmp") for split in ("train", "val")}
-    counts = {"train": [0, 0], "val": [0, 0]}
-    budgets = {"train": max_tokens, "val": val_tokens}
-    try:
         with open(tmp["train"], "wb") as train_file, open(tmp["val"], "wb") as val_file:
             files = {"train": train_file, "val": val_file}
             for desc, labelled in passes:
@@ -343,18 +373,16 @@ def main():
                 f.flush()
                 os.fsync(f.fileno())
     except BaseException as e:
-        for p in [*tmp.values(), staged_bpe]:
-            if os.path.exists(p):
-                os.remove(p)
+        discard()
         if isinstance(e, KeyboardInterrupt):
             print("interrupted: nothing was written; run the same command again to start over", file=sys.stderr)
             sys.exit(130)
+        if isinstance(e, (CorpusError, tok.TokenizerError)):
+            fail(f"{e}; nothing was written")
         raise
     for split in ("train", "val"):
         if counts[split][0] == 0:
-            for p in [*tmp.values(), staged_bpe]:
-                if os.path.exists(p):
-                    os.remove(p)
+            discard()
             fail(f"the {split} split came out empty; give the corpus more text "
                  f"or a larger --val_fraction / --val_tokens")
 
@@ -370,7 +398,7 @@ def main():
             "dtype": np.dtype(dtype).name,
             "train_tokens": counts["train"][0], "val_tokens": counts["val"][0],
             "train_documents": counts["train"][1], "val_documents": counts["val"][1],
-            "source": source}
+            "source": {**source, "max_tokens": budgets["train"], "val_tokens": budgets["val"]}}
     with open(meta_path + ".tmp", "w") as f:
         json.dump(meta, f, indent=1, ensure_ascii=False)
     os.replace(meta_path + ".tmp", meta_path)

@@ -243,9 +243,29 @@ def test_token_budgets_are_exact(hashed):
         assert meta[key] == int((ids == EOT).sum()) + int(ids[-1] != EOT)
 
 
+def test_max_tokens_alone_stops_reading_the_corpus(tmp_path):
+    """Without --val_tokens the validation split gets its held-out share of --max_tokens, and prepare.py
+    stops streaming once both splits are full: a broken record at the end of the corpus is never read."""
+    write_jsonl_folder(tmp_path / "jl", hashed_docs(), files=4)
+    with open(tmp_path / "jl" / "part-99.jsonl", "w") as f:
+        f.write("{this line is not json\n")
+    common = [f"--dataset={tmp_path / 'jl'}", "--text_field=body", "--val_fraction=0.2", "--num_proc=1",
+              "--batch_docs=16"]
+    budget, whole = run_all(tmp_path, [*common, "--out=budget", "--max_tokens=1000"], [*common, "--out=whole"])
+    ok(budget)
+    meta, train, val = load(tmp_path, "budget")
+    assert (meta["train_tokens"], meta["val_tokens"]) == (1000, 250)  # 250 / (1000 + 250) = 0.2
+    assert (meta["source"]["max_tokens"], meta["source"]["val_tokens"]) == (1000, 250)
+    # the broken record is real: reading everything meets it, and that ends in one clear line
+    rc, _, err = whole
+    assert rc == 2 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1].startswith(f"error: could not read {tmp_path / 'jl'}"), err
+    assert not os.path.exists(tmp_path / "data" / "whole")  # the new folder is gone again
+
+
 # --------------------------------------------------------------------------- 5: parquet and .txt
 
-def test_parquet_and_txt_folder_round_trip(tmp_path):
+def test_parquet_txt_folder_and_txt_file_round_trip(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -261,12 +281,17 @@ def test_parquet_and_txt_folder_round_trip(tmp_path):
         with open(tmp_path / "txt" / name, "w", encoding="utf-8") as f:
             f.write(text)
 
+    paragraphs = [f"Paragraph {i} of one long file.\nIts second line, ünicode 中文 {i * 31 % 97}." for i in range(150)]
+    with open(tmp_path / "book.txt", "w", encoding="utf-8") as f:
+        f.write("\n\n".join(paragraphs) + "\n")
+
     common = ["--val_fraction=0.3", "--num_proc=1"]
-    pq_result, txt_result = run_all(tmp_path,
-                                    [f"--dataset={tmp_path / 'rows.parquet'}", "--text_field=content", "--out=pq",
-                                     *common],
-                                    [f"--dataset={tmp_path / 'txt'}", "--out=txt", "--batch_docs=5", *common])
-    ok(pq_result), ok(txt_result)
+    pq_result, txt_result, book_result = run_all(
+        tmp_path,
+        [f"--dataset={tmp_path / 'rows.parquet'}", "--text_field=content", "--out=pq", *common],
+        [f"--dataset={tmp_path / 'txt'}", "--out=txt", "--batch_docs=5", *common],
+        [f"--dataset={tmp_path / 'book.txt'}", "--out=book", *common])
+    ok(pq_result), ok(txt_result), ok(book_result)
 
     meta, train, val = load(tmp_path, "pq")
     tr, va = documents(train, meta), documents(val, meta)
@@ -280,6 +305,11 @@ def test_parquet_and_txt_folder_round_trip(tmp_path):
     assert tr and va and not set(tr) & set(va)
     assert Counter(tr + va) == Counter(txt_docs.values())  # each .txt file is one whole document
     assert (meta["train_documents"], meta["val_documents"]) == (len(tr), len(va))
+
+    meta, train, val = load(tmp_path, "book")
+    tr, va = documents(train, meta), documents(val, meta)
+    assert tr and va and not set(tr) & set(va)
+    assert Counter(d.strip() for d in tr + va) == Counter(paragraphs)  # a lone file splits at blank lines
 
 
 # --------------------------------------------------------------------------- 6: bad input

@@ -210,10 +210,12 @@ def test_prepare_split_is_by_whole_play(prepared):
 def test_prepare_text_is_plain(prepared):
     _, data_dir, meta = prepared
     t = tok.from_meta(meta, str(data_dir))
-    text = t.decode(load_bin(data_dir / "train.bin", meta)[:200].tolist())
-    assert "<|endoftext|>" not in text
-    for markup in ("**", "_", "#"):
-        assert markup not in text
+    for split in ("train", "val"):
+        plays = t.decode(load_bin(data_dir / f"{split}.bin", meta).tolist()).split("<|endoftext|>")
+        assert plays[-1] == "" and len(plays) - 1 == meta[f"{split}_documents"]
+        for markup in ("*", "_", "#", "\\"):  # bold speakers, italic stage directions, headings, escapes
+            assert not [p for p in plays if markup in p], (split, markup)
+    text = plays[0]
     assert any(line.endswith(":") and line[:-1].strip() and line[:-1].upper() == line[:-1]
                for line in text.splitlines()), text
 
