@@ -181,8 +181,18 @@ if __name__ == "__main__":
         if not os.path.exists(meta_path):
             fail(f"dataset {cfg['dataset']!r} is not prepared ({meta_path} is missing); run prepare.py "
                  f"or pass --synthetic=True")
-        with open(meta_path) as f:
-            vocab_size = json.load(f)["vocab_size"]
+        try:
+            with open(meta_path) as f:
+                meta = json.load(f)
+            vocab_size, train_tokens = meta["vocab_size"], meta["train_tokens"]
+        except (ValueError, KeyError) as e:
+            fail(f"{meta_path} is damaged ({type(e).__name__}: {e}); prepare the dataset again")
+        train_bin = os.path.join("data", cfg["dataset"], "train.bin")
+        if not os.path.exists(train_bin):
+            fail(f"{train_bin} is missing; prepare the dataset again")
+        if train_tokens <= cfg["block_size"] + 1:
+            fail(f"block_size {cfg['block_size']} is longer than the train split ({train_tokens} tokens); "
+                 f"lower --block_size")
         vocab_size = (vocab_size + 63) // 64 * 64 if vocab_size > 1024 else vocab_size
     torch.backends.cuda.matmul.allow_tf32 = True
 

@@ -65,6 +65,11 @@ def workdir(tmp_path_factory):
     meta = json.loads((data / "swapped_chars" / "meta.json").read_text(encoding="utf-8"))
     meta["chars"] = meta["chars"][1] + meta["chars"][0] + meta["chars"][2:]  # same size, other ids
     (data / "swapped_chars" / "meta.json").write_text(json.dumps(meta, ensure_ascii=False), encoding="utf-8")
+    shutil.copytree(data / "shakespeare_char", data / "damaged_meta")
+    text = (data / "damaged_meta" / "meta.json").read_text(encoding="utf-8")
+    (data / "damaged_meta" / "meta.json").write_text(text[:len(text) // 2], encoding="utf-8")  # cut mid-write
+    shutil.copytree(data / "shakespeare_char", data / "no_train_bin")
+    os.remove(data / "no_train_bin" / "train.bin")
     return d
 
 
@@ -97,6 +102,7 @@ CASES = [
     pytest.param("train.py", [*NO_STEPS, "--init_from=resume", "--out_dir=ck", "--dataset=swapped_chars"],
                  "prepared with the checkpoint's tokenizer", id="train-resume-same-size-other-vocabulary"),
     pytest.param("train.py", [*NO_STEPS, "--dataset=truncated"], "prepare the dataset again", id="train-truncated-bin"),
+    pytest.param("train.py", [*NO_STEPS, "--dataset=damaged_meta"], "meta.json is damaged", id="train-damaged-meta"),
     pytest.param("train.py", [*NO_STEPS, "--out_dir=ck"], "--init_from=resume", id="train-scratch-over-existing-run"),
     pytest.param("train.py", ["--dtype=float8"], "unknown dtype 'float8'", id="train-unknown-dtype"),
     pytest.param("train.py", ["--device=cuda"], "use --device=cpu", id="train-device-cuda-absent", marks=no_cuda),
@@ -121,6 +127,9 @@ CASES = [
     # bench.py
     pytest.param("bench.py", ["--iters=0"], "iters, batch_size and block_size must be at least 1", id="bench-iters-0"),
     pytest.param("bench.py", ["--dataset=nothing"], "--synthetic=True", id="bench-missing-dataset"),
+    pytest.param("bench.py", ["--dataset=damaged_meta"], "meta.json is damaged", id="bench-damaged-meta"),
+    pytest.param("bench.py", ["--dataset=no_train_bin"], "train.bin is missing", id="bench-missing-train-bin"),
+    pytest.param("bench.py", ["--block_size=99999999"], "lower --block_size", id="bench-block-size-above-data"),
     pytest.param("bench.py", ["--n_embd=33", "--n_head=2"], "must be divisible by n_head", id="bench-n-embd-n-head"),
     pytest.param("bench.py", ["--dtype=float8"], "unknown dtype 'float8'", id="bench-unknown-dtype"),
     # prepare.py
@@ -130,6 +139,8 @@ CASES = [
     pytest.param("prepare.py", ["--tokenizer=bpe", "--vocab_size=100"], "at least 257", id="prepare-bpe-vocab-too-small"),
     pytest.param("prepare.py", ["--tokenizer=bpe:nope.tiktoken"], "tokenizer file nope.tiktoken not found",
                  id="prepare-missing-bpe-file"),
+    pytest.param("prepare.py", ["--tokenizer=bpe:raises.py"], "raises.py is not a tiktoken rank file",
+                 id="prepare-bpe-file-not-ranks"),
     pytest.param("prepare.py", ["--num_proc=0"], "num_proc >= 1", id="prepare-num-proc-0"),
     pytest.param("prepare.py", ["--dataset=c4", "--mirror=nope"], "--mirror=nope is not a folder",
                  id="prepare-missing-mirror"),

@@ -151,6 +151,21 @@ def test_only_rank0_writes_and_ddp_resume_matches_single_process_resume(runs):
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
 
 
+def test_ddp_resume_with_dropout_is_exact(runs):
+    """Each process draws its own dropout masks; a resumed run must restore every process's stream,
+    so stopping at 8 and resuming to 12 gives the same losses and weights as running 12 straight."""
+    d, _ = runs
+    drop = [*TINY, "--dropout=0.1", "--gradient_accumulation_steps=2", "--eval_interval=4", "--final_eval=False"]
+    launch(([*drop, "--max_iters=12", "--out_dir=drop_straight"], True),
+           ([*drop, "--max_iters=8", "--out_dir=drop_resumed"], True), cwd=d)
+    launch(([*drop, "--max_iters=12", "--out_dir=drop_resumed", "--init_from=resume"], True), cwd=d)
+    straight, resumed = losses(d / "drop_straight" / "log.jsonl"), losses(d / "drop_resumed" / "log.jsonl")
+    assert sorted(straight) == sorted(resumed) == list(range(1, 13))
+    assert straight == resumed, {i: (straight[i], resumed[i]) for i in straight if straight[i] != resumed[i]}
+    a, b = weights(d / "drop_straight"), weights(d / "drop_resumed")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_full_evaluation_averages_over_ranks(runs):
     d, _ = runs
     for name in ("eval_ddp", "eval_single"):

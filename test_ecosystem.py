@@ -244,6 +244,15 @@ def test_hf_weights_need_gpt2_tokenizer(work, hf_folder):
     assert not (work / "ft_bad2" / "ckpt.pt").exists()
 
 
+def test_hf_weights_with_a_smaller_vocabulary_are_refused(work):
+    folder = work / "hf_small_vocab"
+    random_hf_gpt2(folder, n_layer=1, n_head=2, n_embd=32, n_positions=64, vocab_size=333)
+    p = run("train.py", "--dataset=shakespeare", *TINY, "--max_iters=2", f"--init_from=hf:{folder}",
+            "--out_dir=ft_bad4", cwd=work, check=False)
+    assert_refused(p, "333 token embeddings", "50257 token ids")
+    assert not (work / "ft_bad4" / "ckpt.pt").exists()
+
+
 def test_gpt2_by_name_offline_says_what_to_do(work):
     p = run("train.py", "--dataset=shakespeare", *TINY, "--max_iters=2", "--init_from=gpt2", "--out_dir=ft_bad3",
             cwd=work, check=False)
@@ -334,6 +343,7 @@ def test_log_records_and_loss_plot(work):
         assert math.isfinite(r["loss"]) and r["tokens_per_s"] > 0 and r["mfu"] >= 0 and r["lr"] > 0
     assert [r["iter"] for r in log if "val_loss" in r] == [10, 20]
     assert all(math.isfinite(r["val_loss"]) for r in log if "val_loss" in r)
+    assert all(r["val_perplexity"] == pytest.approx(math.exp(r["val_loss"])) for r in log if "val_loss" in r)
 
     png = work / "ck" / "loss.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -143,13 +143,18 @@ meta_path = os.path.join(data_dir, "meta.json")
 if not os.path.exists(meta_path):
     fail(f"dataset {dataset!r} not found ({meta_path} is missing); make it with "
          f"python prepare.py --dataset=... (e.g. python prepare.py --tokenizer=char for shakespeare_char)")
-with open(meta_path) as f:
-    meta = json.load(f)
 try:
+    with open(meta_path) as f:
+        meta = json.load(f)
+    missing = [k for k in ("tokenizer", "vocab_size", "dtype", "train_tokens", "val_tokens") if k not in meta]
+    if missing:
+        raise KeyError(f"no {', '.join(missing)}")
+    data_dtype = np.dtype(meta["dtype"])
     tok.from_meta(meta, data_dir)  # a BPE file must be the one the bins were made with
 except tok.TokenizerError as e:
     fail(str(e))
-data_dtype = np.dtype(meta["dtype"])
+except (ValueError, KeyError, TypeError) as e:
+    fail(f"{meta_path} is damaged ({type(e).__name__}: {e}); prepare the dataset again")
 for split in ("train", "val"):
     path = os.path.join(data_dir, f"{split}.bin")
     size = os.path.getsize(path) if os.path.exists(path) else -1
@@ -238,6 +243,9 @@ def pretrained_gpt2():
         gpt2 = from_hf_gpt2(folder, dropout)
     except (ValueError, KeyError, OSError) as e:
         fail(f"could not import {folder}: {e}")
+    if gpt2.config.vocab_size < meta["vocab_size"]:
+        fail(f"{folder} has {gpt2.config.vocab_size} token embeddings, but dataset {dataset!r} uses "
+             f"{meta['vocab_size']} token ids; use a GPT-2 checkpoint with GPT-2's vocabulary")
     if block_size > gpt2.config.block_size:
         fail(f"block_size {block_size} exceeds the model's {gpt2.config.block_size}; lower --block_size")
     return gpt2
@@ -277,13 +285,16 @@ if checkpoint is not None and not eval_only:
     optimizer.load_state_dict(checkpoint["optimizer"])
     if "scaler" in checkpoint:
         scaler.load_state_dict(checkpoint["scaler"])
-    rng = checkpoint["rng"]
-    random.setstate(rng["python"])
-    np.random.set_state(rng["numpy"])
-    torch.set_rng_state(rng["torch"])
-    if device_type == "cuda" and rng.get("cuda") is not None:
-        torch.cuda.set_rng_state(rng["cuda"])
-    train_gen.set_state(rng["sampler"])
+    train_gen.set_state(checkpoint["rng"]["sampler"])
+    # each process restores its own dropout stream; with another process count, the seeds above stand
+    ranks_rng = checkpoint["rng"]["ranks"]
+    if len(ranks_rng) == world_size:
+        rng = ranks_rng[rank]
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+        if device_type == "cuda" and rng["cuda"] is not None:
+            torch.cuda.set_rng_state(rng["cuda"])
 checkpoint = None  # free the memory
 
 raw_model = model
@@ -362,6 +373,12 @@ def evaluate_split(split="val"):
 
 def save_checkpoint(path):
     """Write atomically: a kill mid-write leaves the previous file whole."""
+    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+           "cuda": torch.cuda.get_rng_state() if device_type == "cuda" else None}
+    ranks_rng = [rng]
+    if ddp:  # every process draws its own dropout masks, so an exact resume needs every process's state
+        ranks_rng = [None] * world_size
+        dist.all_gather_object(ranks_rng, rng)
     if not master:
         return
     state = {
@@ -372,9 +389,7 @@ def save_checkpoint(path):
         "best_val_loss": best_val_loss,
         "config": config,
         "meta": meta,
-        "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state() if device_type == "cuda" else None,
-                "sampler": train_gen.get_state()},
+        "rng": {"ranks": ranks_rng, "sampler": train_gen.get_state()},
     }
     if scaler.is_enabled():
         state["scaler"] = scaler.state_dict()
@@ -466,8 +481,13 @@ if master:
     except OSError as e:
         fail(f"out_dir {out_dir} is not writable ({e.strerror}); choose another --out_dir")
     if wandb_log:
+        import netrc
         import wandb
-        if not os.environ.get("WANDB_API_KEY") and not os.environ.get("WANDB_MODE"):
+        try:  # `wandb login` keeps the key in ~/.netrc rather than the environment
+            logged_in = netrc.netrc().authenticators("api.wandb.ai") is not None
+        except (OSError, netrc.NetrcParseError):
+            logged_in = False
+        if not (os.environ.get("WANDB_API_KEY") or logged_in or os.environ.get("WANDB_MODE")):
             os.environ["WANDB_MODE"] = "offline"
             log(f"wandb: no API key, logging offline; upload later with: wandb sync {out_dir}/wandb/offline-run-*")
         wandb.init(project=wandb_project, name=wandb_run_name or os.path.basename(out_dir.rstrip("/")),
@@ -549,9 +569,10 @@ while iter_num < max_iters:
     if iter_num % eval_interval == 0 or iter_num == max_iters or stopping:
         losses = estimate_loss()
         check_finite(losses["train"] + losses["val"], "the evaluation loss")
-        log(f"eval at iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+        log(f"eval at iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, "
+            f"val perplexity {math.exp(losses['val']):.2f}")
         record = dict(record or {"iter": iter_num, "tokens": iter_num * tokens_per_iter},
-                      train_loss=losses["train"], val_loss=losses["val"])
+                      train_loss=losses["train"], val_loss=losses["val"], val_perplexity=math.exp(losses["val"]))
         improved = losses["val"] < best_val_loss
         best_val_loss = min(best_val_loss, losses["val"])
         if improved:
