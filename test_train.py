@@ -86,6 +86,9 @@ def test_eval_only_writes_full_split_evaluation(workdir):
 
 
 def test_bench_smoke(workdir):
-    p = run("bench.py", *TINY, "--iters=2", "--warmup=1", "--sample=True", "--sample_tokens=40", cwd=workdir)
+    p = run("bench.py", *TINY, "--iters=2", "--warmup=1", "--sample_tokens=40", cwd=workdir)
     assert "tokens/s" in p.stdout and "MFU" in p.stdout
+    assert "with KV cache" in p.stdout and "without KV cache" not in p.stdout  # the cached rate by default
+    p = run("bench.py", *TINY, "--iters=2", "--warmup=1", "--sample=True", "--sample_tokens=40", cwd=workdir)
+    assert "without KV cache" in p.stdout and "KV cache speed-up" in p.stdout
     assert "greedy output with cache equals recomputation" in p.stdout

@@ -83,6 +83,16 @@ seed = 1337
 config = configure(defaults_from(globals()), sys.argv[1:])
 globals().update(config)
 
+
+def stop_before_training(signum, frame):
+    """Until the loop starts there is nothing to save: leave at once, without a traceback."""
+    print(f"{signal.Signals(signum).name} received before training began; nothing was written", file=sys.stderr)
+    sys.exit(128 + signum)
+
+
+signal.signal(signal.SIGINT, stop_before_training)
+signal.signal(signal.SIGTERM, stop_before_training)
+
 # ranges that would only fail later, less clearly
 for key in ("batch_size", "block_size", "n_layer", "n_head", "n_embd", "max_iters",
             "gradient_accumulation_steps", "eval_interval", "log_interval", "eval_iters"):
@@ -141,8 +151,13 @@ def log(*args):
 data_dir = os.path.join("data", dataset)
 meta_path = os.path.join(data_dir, "meta.json")
 if not os.path.exists(meta_path):
-    fail(f"dataset {dataset!r} not found ({meta_path} is missing); make it with "
-         f"python prepare.py --dataset=... (e.g. python prepare.py --tokenizer=char for shakespeare_char)")
+    # prepare.py names a dataset <corpus>, <corpus>_char or <corpus>_bpe<vocab_size>
+    corpus, _, kind = dataset.rpartition("_")
+    command = (f"python prepare.py --dataset={corpus} --tokenizer=char" if corpus and kind == "char" else
+               f"python prepare.py --dataset={corpus} --tokenizer=bpe --vocab_size={kind[3:]}"
+               if corpus and kind.startswith("bpe") and kind[3:].isdigit() else
+               f"python prepare.py --dataset={dataset}")
+    fail(f"dataset {dataset!r} not found ({meta_path} is missing); make it with {command}")
 try:
     with open(meta_path) as f:
         meta = json.load(f)
@@ -566,7 +581,7 @@ while iter_num < max_iters:
         window_start, window_iters = time.time(), 0
     stopping = agreed_stop()
 
-    if iter_num % eval_interval == 0 or iter_num == max_iters or stopping:
+    if iter_num % eval_interval == 0 or iter_num == max_iters:
         losses = estimate_loss()
         check_finite(losses["train"] + losses["val"], "the evaluation loss")
         log(f"eval at iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, "
@@ -577,7 +592,7 @@ while iter_num < max_iters:
         best_val_loss = min(best_val_loss, losses["val"])
         if improved:
             save_checkpoint(os.path.join(out_dir, "best.pt"))
-        if improved or always_save_checkpoint or iter_num == max_iters or stopping:
+        if improved or always_save_checkpoint or iter_num == max_iters:
             save_checkpoint(ckpt_path)
         window_start, window_iters = time.time(), 0  # evaluation time is not training time
 
@@ -589,6 +604,9 @@ while iter_num < max_iters:
         if plot and "val_loss" in record:
             plot_losses()
     if stopping:
+        # saved without an evaluation, so a stop is prompt; evaluations draw from their own generator,
+        # so the resumed run goes on exactly as an uninterrupted one would
+        save_checkpoint(ckpt_path)
         again = " ".join(a for a in sys.argv[1:] if not a.startswith("--init_from="))
         log(f"{stop_signal or 'a stop request'} received: saved {ckpt_path} at iteration {iter_num}. "
             f"Continue with: python train.py {again} --init_from=resume")
@@ -596,5 +614,6 @@ while iter_num < max_iters:
 
 if final_eval and not stopping and max_iters > 0:
     final_evaluation()
-log(f"done in {(time.time() - t0) / 60:.1f} min; best val loss {best_val_loss:.4f}")
+log(f"done in {(time.time() - t0) / 60:.1f} min" +
+    (f"; best val loss {best_val_loss:.4f}" if math.isfinite(best_val_loss) else ""))
 shut_down()
