@@ -95,6 +95,12 @@ def max_diff(a, b):
     return (a.float() - b.float()).abs().max().item()
 
 
+@torch.no_grad()
+def both_logits(model, hf, idx):
+    """(this project's logits, transformers' logits) for the same tokens."""
+    return model(idx, idx)[0], hf(idx).logits
+
+
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     d = tmp_path_factory.mktemp("eco")
@@ -125,9 +131,7 @@ def test_import_hf_gpt2_same_logits(tmp_path, safe):
     model = from_hf_gpt2(str(tmp_path)).eval()
     assert model.config.block_size == 64 and model.config.vocab_size == 333 and model.config.n_layer == 2
     idx = torch.randint(333, (3, 64), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        ours, _ = model(idx, idx)
-        theirs = hf(idx).logits
+    ours, theirs = both_logits(model, hf, idx)
     diff = max_diff(ours, theirs)
     print(f"import ({'safetensors' if safe else 'pytorch_model.bin'}): max abs logit difference {diff:.3g}")
     assert ours.shape == theirs.shape == (3, 64, 333)
@@ -147,9 +151,7 @@ def test_export_round_trip_same_logits(tmp_path, bias):
     hf.eval()
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
     idx = torch.randint(101, (3, 32), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        ours, _ = model(idx, idx)
-        theirs = hf(idx).logits
+    ours, theirs = both_logits(model, hf, idx)
     diff = max_diff(ours, theirs)
     print(f"export (bias={bias}): max abs logit difference {diff:.3g}")
     assert diff <= TOL, f"exported model's logits in transformers differ by {diff:.3g} (> {TOL})"
@@ -180,8 +182,7 @@ def test_export_script_on_a_trained_run(work):
     model.eval()
     vocab = ckpt["model_args"]["vocab_size"]
     idx = torch.randint(vocab, (2, 32), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        diff = max_diff(model(idx, idx)[0], hf(idx).logits)
+    diff = max_diff(*both_logits(model, hf, idx))
     print(f"export_hf.py on a trained run: max abs logit difference {diff:.3g}")
     assert diff <= TOL, f"exported checkpoint's logits differ by {diff:.3g}"
     assert json.loads((work / "ck_hf" / "meta.json").read_text())["tokenizer"] == "char"
