@@ -6,13 +6,12 @@ One table, each case the real script run in a scratch folder that holds a prepar
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 
-REPO = os.path.dirname(os.path.abspath(__file__))
+import conftest
+
 ENV = dict(os.environ, HF_HUB_OFFLINE="1")
 TINY = ["--dataset=shakespeare_char", "--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32",
         "--batch_size=4"]
@@ -22,8 +21,7 @@ no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has
 
 
 def run(script, *args, cwd, timeout=300):
-    return subprocess.run([sys.executable, os.path.join(REPO, script), *args], cwd=cwd, env=ENV,
-                          capture_output=True, text=True, timeout=timeout)
+    return conftest.run(script, *args, cwd=cwd, env=ENV, timeout=timeout)
 
 
 def snapshot(d):

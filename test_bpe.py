@@ -2,17 +2,15 @@
 import json
 import os
 import random
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import conftest
 import tokenizer as tok
 
-REPO = os.path.dirname(os.path.abspath(__file__))
 # a narrow made-up domain: words GPT-2 has never seen as units
 WORDS = ["zorblax", "quenthari", "mivvelun", "drakkenhoff", "the", "glimmered", "over", "snarvik", "and",
          "prellotine", "was", "beneath", "kwazzle", "ostrovenka"]
@@ -85,12 +83,10 @@ def test_bad_input(tmp_path):
         tok.bpe(str(tmp_path / "junk.tiktoken"))
 
 
-def run(*args, cwd):
-    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
 def test_prepare_train_and_sample_with_a_trained_bpe(tmp_path):
-    p = run(os.path.join(REPO, "prepare.py"), "--tokenizer=bpe", "--vocab_size=2048", "--num_proc=1", cwd=tmp_path)
+    p = conftest.run("prepare.py", "--tokenizer=bpe", "--vocab_size=2048", "--num_proc=1", cwd=tmp_path)
     assert p.returncode == 0, p.stderr
     assert "bytes/token" in p.stdout and "GPT-2" in p.stdout  # the comparison report
     data = tmp_path / "data" / "shakespeare_bpe2048"
@@ -102,7 +98,7 @@ def test_prepare_train_and_sample_with_a_trained_bpe(tmp_path):
     assert t.decode(train[:300].tolist()).startswith(t.decode(t.encode(t.decode(train[:300].tolist()))))
 
     # reuse the trained file for another dataset folder: same tokens
-    p = run(os.path.join(REPO, "prepare.py"), f"--tokenizer=bpe:{data / 'tokenizer.tiktoken'}", "--out=reuse",
+    p = conftest.run("prepare.py", f"--tokenizer=bpe:{data / 'tokenizer.tiktoken'}", "--out=reuse",
             "--num_proc=1", cwd=tmp_path)
     assert p.returncode == 0, p.stderr
     assert (tmp_path / "data" / "reuse" / "train.bin").read_bytes() == (data / "train.bin").read_bytes()
@@ -110,14 +106,14 @@ def test_prepare_train_and_sample_with_a_trained_bpe(tmp_path):
     tiny = ["--dataset=shakespeare_bpe2048", "--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32",
             "--batch_size=4", "--max_iters=5", "--eval_interval=5", "--eval_iters=1", "--out_dir=ck",
             "--final_eval=False"]
-    p = run(os.path.join(REPO, "train.py"), *tiny, cwd=tmp_path)
+    p = conftest.run("train.py", *tiny, cwd=tmp_path)
     assert p.returncode == 0, p.stderr
-    p = run(os.path.join(REPO, "sample.py"), "--out_dir=ck", "--start=KING:", "--max_new_tokens=20",
+    p = conftest.run("sample.py", "--out_dir=ck", "--start=KING:", "--max_new_tokens=20",
             "--num_samples=1", cwd=tmp_path)
     assert p.returncode == 0 and p.stdout.startswith("KING:"), p.stderr
 
     # a tokenizer file that is not the dataset's own is refused before training
     (data / "tokenizer.tiktoken").write_bytes((tmp_path / "data" / "reuse" / "tokenizer.tiktoken").read_bytes()[:-20])
-    p = run(os.path.join(REPO, "train.py"), *tiny, "--out_dir=ck2", cwd=tmp_path)
+    p = conftest.run("train.py", *tiny, "--out_dir=ck2", cwd=tmp_path)
     assert p.returncode == 2 and p.stderr.startswith("error:") and "sha256" in p.stderr
     assert "Traceback" not in p.stderr and not (tmp_path / "ck2").exists()

@@ -1,24 +1,21 @@
 """prepare.py on streamed corpora, end to end: a local C4 mirror, hashed hold-outs, token budgets,
 parquet and .txt inputs, bad input, and what an interrupted or killed run leaves behind.
 
-Every run is a real `python prepare.py ...` subprocess working offline in a temporary folder.
+Every run is a real `python prepare.py ...` process (conftest.start) working offline in a temporary folder.
 Independent runs are started together so the file stays fast on a small machine."""
 import gzip
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from collections import Counter
 
 import numpy as np
 import pytest
 
+import conftest
 import tokenizer as tok
 
-REPO = os.path.dirname(os.path.abspath(__file__))
-PREPARE = os.path.join(REPO, "prepare.py")
 EOT = 50256
 RUN_TIMEOUT = 120
 
@@ -30,9 +27,8 @@ def _env(cwd):
     return dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=os.path.join(str(cwd), ".hf"))
 
 
-def start(cwd, *args, stdout=subprocess.PIPE, stderr=subprocess.PIPE):
-    return subprocess.Popen([sys.executable, PREPARE, *args], cwd=str(cwd), env=_env(cwd),
-                            stdout=stdout, stderr=stderr, text=True)
+def start(cwd, *args):
+    return conftest.start("prepare.py", *args, cwd=cwd, env=_env(cwd))
 
 
 def finish(proc, timeout=RUN_TIMEOUT):
@@ -381,14 +377,11 @@ def wait_for_bytes(proc, path, timeout=60):
 
 
 def test_sigint_leaves_nothing(tmp_path, big_corpus):
-    with open(tmp_path / "stderr.txt", "w+") as log:
-        proc = start(tmp_path, f"--dataset={big_corpus}", "--out=big", "--num_proc=1", "--batch_docs=1",
-                     stdout=subprocess.DEVNULL, stderr=log)
+    proc = start(tmp_path, f"--dataset={big_corpus}", "--out=big", "--num_proc=1", "--batch_docs=1")
     try:
         wait_for_bytes(proc, tmp_path / "data" / "big" / "train.bin.tmp")
         proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=30)
-        err = (tmp_path / "stderr.txt").read_text()
+        _, err = proc.communicate(timeout=30)
         assert proc.returncode == 130, err[-2000:]
         assert "Traceback" not in err
         left = data_files(tmp_path, "big")
@@ -407,8 +400,7 @@ def test_killed_rerun_keeps_previous_dataset(tmp_path, big_corpus):
     before = {f: read_bytes(keep / f) for f in ("meta.json", "train.bin", "val.bin")}
     load(tmp_path, "keep")
 
-    proc = start(tmp_path, f"--dataset={big_corpus}", "--out=keep", "--num_proc=1", "--batch_docs=1",
-                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = start(tmp_path, f"--dataset={big_corpus}", "--out=keep", "--num_proc=1", "--batch_docs=1")
     try:
         wait_for_bytes(proc, keep / "train.bin.tmp")
         proc.send_signal(signal.SIGKILL)

@@ -1,16 +1,14 @@
 """tokenizer.py and prepare.py: encodings, round trips and the prepared dataset on disk."""
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
+import conftest
 import prepare
 import tokenizer as tok
 
-REPO = os.path.dirname(os.path.abspath(__file__))
 
 SAMPLES = [
     "Hello world",
@@ -138,8 +136,7 @@ def test_markdown_to_text_headings_and_blank_runs():
 # --------------------------------------------------------------------------- prepare.py end to end
 
 def run_prepare(cwd, *args):
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "prepare.py"), "--tokenizer=char", *args],
-                          cwd=cwd, capture_output=True, text=True, timeout=300)
+    proc = conftest.run("prepare.py", "--tokenizer=char", *args, cwd=cwd)
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
     return proc

@@ -1,4 +1,9 @@
-"""DDP under torchrun on CPU (gloo): two processes against one, rank-0 duties, resume, evaluation, failure.
+"""DDP on CPU (gloo): two processes against one, rank-0 duties, resume, evaluation, failure.
+
+torchrun starts the runs that compare two processes with one and the run whose worker is killed. The
+resume and evaluation runs start their two ranks directly, with the environment torchrun gives its
+workers (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), as any other launcher would; that
+spares each run the 5-7 s torchrun takes here to start itself and two fresh interpreters.
 
 Every test starts real processes, so all are marked slow: deselect them with -m "not slow".
 """
@@ -7,6 +12,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -14,6 +20,8 @@ import time
 
 import pytest
 import torch
+
+import conftest
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 TRAIN = os.path.join(REPO, "train.py")
@@ -24,6 +32,7 @@ TINY = ["--dataset=shakespeare_char", "--n_layer=1", "--n_head=2", "--n_embd=32"
 RUN8 = ["--gradient_accumulation_steps=2", "--max_iters=8", "--eval_interval=8", "--final_eval=False"]
 TOL = dict(rel=1e-5, abs=1e-5)
 TIMEOUT = 240
+ENV = dict(os.environ, OMP_NUM_THREADS="1")
 
 pytestmark = pytest.mark.slow
 
@@ -62,27 +71,52 @@ def kill_tree(proc, workers=()):
     proc.wait()
 
 
+def torchrun(args, cwd):
+    """train.py under torchrun with two workers; (process, its output as a function)."""
+    output = tempfile.TemporaryFile("w+")  # not a pipe: a full pipe would stall a process not yet waited for
+    proc = subprocess.Popen([TORCHRUN, "--standalone", "--nproc_per_node=2", TRAIN, *args], cwd=cwd, env=ENV,
+                            stdout=output, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+    def read():
+        output.seek(0)
+        return output.read()
+    return proc, read
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(args, how, cwd):
+    """train.py as "one" process, as two "ranks" given the environment torchrun gives its workers, or
+    under "torchrun"; a list of (process, its output as a function)."""
+    if how == "torchrun":
+        return [torchrun(args, cwd)]
+    if how == "one":
+        procs = [conftest.start("train.py", *args, cwd=cwd, env=ENV)]
+    else:
+        env = dict(ENV, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
+        procs = [conftest.start("train.py", *args, cwd=cwd, env=dict(env, RANK=str(r), LOCAL_RANK=str(r)))
+                 for r in range(2)]
+    return [(p, lambda p=p: "\n".join(p.output())) for p in procs]
+
+
 def launch(*runs, cwd, timeout=TIMEOUT):
-    """Run (args, ddp) pairs side by side, each in one process or under torchrun with two; all must succeed."""
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    """Run (args, how) pairs side by side (see start); all must succeed."""
     procs = []
     try:
-        for args, ddp in runs:
-            cmd = [TORCHRUN, "--standalone", "--nproc_per_node=2", TRAIN] if ddp else [sys.executable, TRAIN]
-            cmd += list(args)
-            output = tempfile.TemporaryFile("w+")  # not a pipe: a full pipe would stall a process not yet waited for
-            procs.append((cmd, output, subprocess.Popen(cmd, cwd=cwd, env=env, stdout=output, stderr=subprocess.STDOUT,
-                                                        text=True, start_new_session=True)))
+        for args, how in runs:
+            procs += [(f"train.py {' '.join(args)} ({how})", p, read) for p, read in start(args, how, cwd)]
         deadline = time.time() + timeout
-        for cmd, output, proc in procs:
+        for cmd, proc, read in procs:
             proc.wait(timeout=max(1, deadline - time.time()))
-            output.seek(0)
-            assert proc.returncode == 0, f"{' '.join(cmd)} exited {proc.returncode}:\n{output.read()[-5000:]}"
+            assert proc.returncode == 0, f"{cmd} exited {proc.returncode}:\n{read()[-5000:]}"
     finally:
-        for _, output, proc in procs:
+        for _, proc, _ in procs:
             if proc.poll() is None:
-                kill_tree(proc)
-            output.close()
+                kill_tree(proc) if isinstance(proc, subprocess.Popen) else proc.kill()
 
 
 def read_log(path):
@@ -106,10 +140,9 @@ def weights(out_dir):
 def runs(tmp_path_factory):
     """One prepared dataset; 8 iterations of the same global batch in one process (single/) and in two (ddp/)."""
     d = tmp_path_factory.mktemp("ddp")
-    p = subprocess.run([sys.executable, os.path.join(REPO, "prepare.py"), "--tokenizer=char", "--num_proc=1"],
-                       cwd=d, capture_output=True, text=True, timeout=TIMEOUT)
+    p = conftest.run("prepare.py", "--tokenizer=char", "--num_proc=1", cwd=d, timeout=TIMEOUT)
     assert p.returncode == 0, p.stderr
-    launch(([*TINY, *RUN8, "--out_dir=single"], False), ([*TINY, *RUN8, "--out_dir=ddp"], True), cwd=d)
+    launch(([*TINY, *RUN8, "--out_dir=single"], "one"), ([*TINY, *RUN8, "--out_dir=ddp"], "torchrun"), cwd=d)
     # what the 8-iteration ddp run left, before any test adds to it
     files = sorted(os.listdir(d / "ddp"))
     shutil.copy(d / "ddp" / "ckpt.pt", d / "ddp_ckpt8.pt")
@@ -136,7 +169,7 @@ def test_only_rank0_writes_and_ddp_resume_matches_single_process_resume(runs):
     assert [r["iter"] for r in read_log(d / "ddp" / "log.jsonl")] == list(range(1, 9))  # one writer
     resume = [*TINY, "--gradient_accumulation_steps=2", "--max_iters=12", "--eval_interval=8",
               "--final_eval=False", "--init_from=resume"]
-    launch(([*resume, "--out_dir=single"], False), ([*resume, "--out_dir=ddp"], True), cwd=d)
+    launch(([*resume, "--out_dir=single"], "one"), ([*resume, "--out_dir=ddp"], "ranks"), cwd=d)
     assert sorted(os.listdir(d / "ddp")) == ["best.pt", "ckpt.pt", "log.jsonl", "loss.png"]
     single, ddp = losses(d / "single" / "log.jsonl"), losses(d / "ddp" / "log.jsonl")
     assert [r["iter"] for r in read_log(d / "ddp" / "log.jsonl")] == list(range(1, 13))
@@ -156,9 +189,9 @@ def test_ddp_resume_with_dropout_is_exact(runs):
     so stopping at 8 and resuming to 12 gives the same losses and weights as running 12 straight."""
     d, _ = runs
     drop = [*TINY, "--dropout=0.1", "--gradient_accumulation_steps=2", "--eval_interval=4", "--final_eval=False"]
-    launch(([*drop, "--max_iters=12", "--out_dir=drop_straight"], True),
-           ([*drop, "--max_iters=8", "--out_dir=drop_resumed"], True), cwd=d)
-    launch(([*drop, "--max_iters=12", "--out_dir=drop_resumed", "--init_from=resume"], True), cwd=d)
+    launch(([*drop, "--max_iters=12", "--out_dir=drop_straight"], "ranks"),
+           ([*drop, "--max_iters=8", "--out_dir=drop_resumed"], "ranks"), cwd=d)
+    launch(([*drop, "--max_iters=12", "--out_dir=drop_resumed", "--init_from=resume"], "ranks"), cwd=d)
     straight, resumed = losses(d / "drop_straight" / "log.jsonl"), losses(d / "drop_resumed" / "log.jsonl")
     assert sorted(straight) == sorted(resumed) == list(range(1, 13))
     assert straight == resumed, {i: (straight[i], resumed[i]) for i in straight if straight[i] != resumed[i]}
@@ -174,8 +207,8 @@ def test_full_evaluation_averages_over_ranks(runs):
     # gradient_accumulation_steps plays no part in an evaluation, but under torchrun it must still be
     # a multiple of the number of processes (the default 1 is refused)
     evaluate = [*TINY, "--eval_only=True", "--init_from=resume"]
-    launch(([*evaluate, "--gradient_accumulation_steps=2", "--out_dir=eval_ddp"], True),
-           ([*evaluate, "--out_dir=eval_single"], False), cwd=d)
+    launch(([*evaluate, "--gradient_accumulation_steps=2", "--out_dir=eval_ddp"], "ranks"),
+           ([*evaluate, "--out_dir=eval_single"], "one"), cwd=d)
     two = json.loads((d / "eval_ddp" / "eval.json").read_text())
     one = json.loads((d / "eval_single" / "eval.json").read_text())
     meta = json.loads((d / "data" / "shakespeare_char" / "meta.json").read_text())
@@ -190,14 +223,12 @@ def test_killed_worker_ends_the_whole_run(runs):
     args = [*TINY, "--gradient_accumulation_steps=2", "--max_iters=100000", "--eval_interval=100000",
             "--final_eval=False", "--ddp_timeout=30", "--out_dir=killed"]
     log_path = d / "killed" / "log.jsonl"
-    proc = subprocess.Popen([TORCHRUN, "--standalone", "--nproc_per_node=2", TRAIN, *args], cwd=d,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc, output = torchrun(args, d)
     workers = []
     try:
         deadline = time.time() + 120
         while not (log_path.exists() and len(log_path.read_text().splitlines()) >= 3):
-            assert proc.poll() is None, f"torchrun ended early ({proc.returncode}): {proc.stderr.read()}"
+            assert proc.poll() is None, f"torchrun ended early ({proc.returncode}): {output()}"
             assert time.time() < deadline, "no training iterations logged within 120 s"
             time.sleep(0.2)
         workers = children(proc.pid)
@@ -214,12 +245,12 @@ def test_killed_worker_ends_the_whole_run(runs):
         os.kill(victim, signal.SIGKILL)
         killed_at = time.time()
         try:
-            _, err = proc.communicate(timeout=60)
+            proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             pytest.fail("torchrun still running 60 s after one worker was killed")
         elapsed = time.time() - killed_at
         print(f"\ntorchrun exited {proc.returncode} {elapsed:.1f} s after rank 1 was killed")
-        assert proc.returncode != 0, err[-3000:]
+        assert proc.returncode != 0, output()[-3000:]
         assert not [pid for pid in workers if is_worker(pid)], "a worker outlived torchrun"
     finally:
         if proc.poll() is None or any(is_worker(pid) for pid in workers):

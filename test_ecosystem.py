@@ -1,6 +1,6 @@
 """The project among other tools: Hugging Face GPT-2 folders both ways, fine-tuning through train.py,
 wandb's offline log, the metrics log and plot, prompt files and the interactive sampler.
-Every script runs as a real subprocess in a scratch folder; nothing is mocked."""
+Every script runs as a real process of its own (conftest.run) in a scratch folder; nothing is mocked."""
 import glob
 import json
 import math
@@ -9,7 +9,6 @@ import pty
 import select
 import signal
 import struct
-import subprocess
 import sys
 import time
 import zlib
@@ -21,6 +20,7 @@ import torch
 REPO = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, REPO)
 
+import conftest  # noqa: E402
 from configurator import configure  # noqa: E402
 from model import GPT, GPTConfig, from_hf_gpt2, to_hf_gpt2  # noqa: E402
 
@@ -41,8 +41,7 @@ def make_env(home):
 
 
 def run(script, *args, cwd, env=None, check=True):
-    p = subprocess.run([sys.executable, os.path.join(REPO, script), *args], cwd=cwd, env=env or make_env(cwd),
-                       capture_output=True, text=True, timeout=300)
+    p = conftest.run(script, *args, cwd=cwd, env=env or make_env(cwd))
     if check:
         assert p.returncode == 0, f"{script} {args} exited {p.returncode}:\n{p.stdout}\n{p.stderr}"
     return p

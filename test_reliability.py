@@ -4,12 +4,12 @@ import os
 import random
 import shutil
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 import torch
+
+import conftest
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 TINY = ["--dataset=shakespeare_char", "--n_layer=2", "--n_head=2", "--n_embd=64", "--block_size=64",
@@ -18,8 +18,8 @@ TINY = ["--dataset=shakespeare_char", "--n_layer=2", "--n_head=2", "--n_embd=64"
         "--plot=False"]
 
 
-def run(*args, cwd, check=True, env=None):
-    p = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=300, env=env)
+def run(script, *args, cwd, check=True, env=None):
+    p = conftest.run(script, *args, cwd=cwd, env=env)
     assert not check or p.returncode == 0, p.stderr
     return p
 
@@ -47,8 +47,8 @@ def wait_for(condition, proc, timeout=120):
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     d = tmp_path_factory.mktemp("reliability")
-    run(os.path.join(REPO, "prepare.py"), "--tokenizer=char", "--num_proc=1", cwd=d)
-    run(os.path.join(REPO, "train.py"), *TINY, "--out_dir=reference", cwd=d)
+    run("prepare.py", "--tokenizer=char", "--num_proc=1", cwd=d)
+    run("train.py", *TINY, "--out_dir=reference", cwd=d)
     return d
 
 
@@ -71,8 +71,7 @@ def test_sigkill_then_resume_is_bitwise_identical(workdir):
     kill_points = sorted(random.sample(range(12, 36), 2))
     for k in kill_points:
         out = workdir / f"killed_at_{k}"
-        proc = subprocess.Popen([sys.executable, os.path.join(REPO, "train.py"), *TINY, f"--out_dir={out.name}"],
-                                cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = conftest.start("train.py", *TINY, f"--out_dir={out.name}", cwd=workdir)
         try:
             wait_for(lambda: last_iter(out / "log.jsonl") >= k, proc)
             proc.send_signal(signal.SIGKILL)
@@ -82,7 +81,7 @@ def test_sigkill_then_resume_is_bitwise_identical(workdir):
         killed_at = last_iter(out / "log.jsonl")
         resumed_from = torch.load(out / "ckpt.pt", weights_only=False)["iter_num"]
         assert resumed_from < 40 and resumed_from % 10 == 0
-        run(os.path.join(REPO, "train.py"), *TINY, f"--out_dir={out.name}", "--init_from=resume", cwd=workdir)
+        run("train.py", *TINY, f"--out_dir={out.name}", "--init_from=resume", cwd=workdir)
         got = losses_by_iter(out)
         assert sorted(got) == sorted(reference), f"kill at {killed_at}"
         for it, values in got.items():  # replayed iterations repeat the first attempt exactly
@@ -96,8 +95,7 @@ def test_sigkill_then_resume_is_bitwise_identical(workdir):
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_signal_saves_and_exits_cleanly(workdir, sig):
     out = workdir / f"stopped_{sig.name}"
-    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "train.py"), *TINY, f"--out_dir={out.name}"],
-                            cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = conftest.start("train.py", *TINY, f"--out_dir={out.name}", cwd=workdir)
     try:
         wait_for(lambda: last_iter(out / "log.jsonl") >= 13, proc)
         proc.send_signal(sig)
@@ -108,7 +106,7 @@ def test_signal_saves_and_exits_cleanly(workdir, sig):
     assert f"{sig.name} received" in stdout and "--init_from=resume" in stdout
     stopped = torch.load(out / "ckpt.pt", weights_only=False)["iter_num"]
     assert stopped == last_iter(out / "log.jsonl")  # saved at the step it was on, nothing lost
-    run(os.path.join(REPO, "train.py"), *TINY, f"--out_dir={out.name}", "--init_from=resume", cwd=workdir)
+    run("train.py", *TINY, f"--out_dir={out.name}", "--init_from=resume", cwd=workdir)
     ref_model = final_state(workdir / "reference")["model"]
     model = final_state(out)["model"]
     assert all(torch.equal(model[k], ref_model[k]) for k in ref_model)
@@ -123,9 +121,7 @@ def test_kill_inside_checkpoint_write_keeps_previous(workdir):
     out = workdir / "big"
     landed_mid_write = False
     for attempt in range(5):  # a kill can arrive just after the rename; then the next save is tried
-        proc = subprocess.Popen([sys.executable, os.path.join(REPO, "train.py"), *big,
-                                 *(["--init_from=resume"] if attempt else [])],
-                                cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = conftest.start("train.py", *big, *(["--init_from=resume"] if attempt else []), cwd=workdir)
         try:
             wait_for(lambda: (out / "ckpt.pt").exists(), proc)
             old = os.stat(out / "ckpt.pt").st_ino  # os.replace gives ckpt.pt a new inode
@@ -147,14 +143,14 @@ def test_kill_inside_checkpoint_write_keeps_previous(workdir):
             landed_mid_write = True
             break
     assert landed_mid_write, "no kill landed inside a write in 5 tries"
-    run(os.path.join(REPO, "train.py"), *big, "--init_from=resume", "--max_iters=3", cwd=workdir)  # resumable
+    run("train.py", *big, "--init_from=resume", "--max_iters=3", cwd=workdir)  # resumable
 
 
 def test_divergence_stops_without_touching_the_checkpoint(workdir):
     out = workdir / "diverge"
     shutil.copytree(workdir / "reference", out)
     before = (out / "ckpt.pt").read_bytes(), (out / "best.pt").read_bytes()
-    p = run(os.path.join(REPO, "train.py"), *TINY, "--out_dir=diverge", "--init_from=resume", "--max_iters=60",
+    p = run("train.py", *TINY, "--out_dir=diverge", "--init_from=resume", "--max_iters=60",
             "--lr_decay_iters=60", "--learning_rate=1e30", "--min_lr=1e30", cwd=workdir, check=False)
     assert p.returncode == 2 and "Traceback" not in p.stderr
     line, = p.stderr.strip().splitlines()
@@ -181,7 +177,8 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 def test_full_disk_at_save_keeps_previous_checkpoint(workdir):
     out = workdir / "full"
     # saves at iteration 10: best.pt then ckpt.pt; the disk is full from the save at iteration 20 on
-    p = run("-c", FULL_DISK, os.path.join(REPO, "train.py"), *TINY, "--out_dir=full", cwd=workdir, check=False,
+    (workdir / "full_disk.py").write_text(FULL_DISK)
+    p = run(workdir / "full_disk.py", os.path.join(REPO, "train.py"), *TINY, "--out_dir=full", cwd=workdir, check=False,
             env=dict(os.environ, SAVES_BEFORE_FULL="2"))
     assert p.returncode == 2 and "Traceback" not in p.stderr
     line, = p.stderr.strip().splitlines()

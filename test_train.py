@@ -2,21 +2,19 @@
 import json
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-REPO = os.path.dirname(os.path.abspath(__file__))
+import conftest
+
 TINY = ["--dataset=shakespeare_char", "--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32",
         "--batch_size=4", "--eval_interval=10", "--eval_iters=2", "--log_interval=1", "--warmup_iters=5",
         "--lr_decay_iters=15", "--learning_rate=1e-3", "--min_lr=1e-4", "--device=cpu", "--plot=False"]
 
 
 def run(script, *args, cwd):
-    p = subprocess.run([sys.executable, os.path.join(REPO, script), *args], cwd=cwd,
-                       capture_output=True, text=True, timeout=300)
+    p = conftest.run(script, *args, cwd=cwd)
     assert p.returncode == 0, p.stderr
     return p
 
