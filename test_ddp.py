@@ -115,8 +115,12 @@ def launch(*runs, cwd, timeout=TIMEOUT):
             assert proc.returncode == 0, f"{cmd} exited {proc.returncode}:\n{read()[-5000:]}"
     finally:
         for _, proc, _ in procs:
-            if proc.poll() is None:
-                kill_tree(proc) if isinstance(proc, subprocess.Popen) else proc.kill()
+            if proc.poll() is not None:
+                continue
+            if isinstance(proc, subprocess.Popen):  # torchrun: its workers are in sessions of their own
+                kill_tree(proc)
+            else:
+                proc.kill()
 
 
 def read_log(path):
