@@ -10,7 +10,6 @@ with the peak matmul rate measured on this device in the same run.
 
 It takes the same config files and --key=value overrides as train.py. Nothing here passes or fails.
 """
-import json
 import os
 import resource
 import sys
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+import tokenizer as tok
 from configurator import autocast, configure, fail, resolve_device, resolve_dtype, script_defaults
 from model import GPT, GPTConfig
 
@@ -70,15 +70,13 @@ def peak_memory_mb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def batches(cfg, vocab_size, device, n=8):
-    """A few fixed batches: from the prepared dataset's train split, or random tokens."""
+def batches(cfg, train_data, vocab_size, device, n=8):
+    """A few fixed batches: from the prepared dataset's train split, or random tokens without one."""
     gen = torch.Generator().manual_seed(cfg["seed"])
     B, T = cfg["batch_size"], cfg["block_size"]
-    if cfg["synthetic"]:
+    data = train_data
+    if data is None:
         data = torch.randint(vocab_size, (n * B * (T + 1),), generator=gen).numpy()
-    else:
-        with open(os.path.join("data", cfg["dataset"], "meta.json")) as f:
-            data = np.memmap(os.path.join("data", cfg["dataset"], "train.bin"), dtype=json.load(f)["dtype"], mode="r")
     out = []
     for _ in range(n):
         ix = torch.randint(len(data) - T - 1, (B,), generator=gen).tolist()
@@ -88,7 +86,7 @@ def batches(cfg, vocab_size, device, n=8):
     return out
 
 
-def bench_training(cfg, vocab_size, device, dtype, compiled, peak):
+def bench_training(cfg, train_data, vocab_size, device, dtype, compiled, peak):
     torch.manual_seed(cfg["seed"])
     device_type = device.split(":")[0]
     model = GPT(GPTConfig(n_layer=cfg["n_layer"], n_head=cfg["n_head"], n_embd=cfg["n_embd"],
@@ -99,7 +97,7 @@ def bench_training(cfg, vocab_size, device, dtype, compiled, peak):
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
     mixed_precision = autocast(device, dtype)
     step_model = torch.compile(model) if compiled else model
-    data = batches(cfg, vocab_size, device)
+    data = batches(cfg, train_data, vocab_size, device)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -179,25 +177,26 @@ if __name__ == "__main__":
     if cfg["iters"] < 1 or cfg["warmup"] < 0 or cfg["batch_size"] < 1 or cfg["block_size"] < 1 \
             or cfg["sample_tokens"] < 0:
         fail("iters, batch_size and block_size must be at least 1, and warmup and sample_tokens not negative")
+    train_data = None
     if cfg["synthetic"]:
         vocab_size = 50304
     else:
-        meta_path = os.path.join("data", cfg["dataset"], "meta.json")
-        if not os.path.exists(meta_path):
-            fail(f"dataset {cfg['dataset']!r} is not prepared ({meta_path} is missing); run prepare.py "
+        data_dir = os.path.join("data", cfg["dataset"])
+        if not os.path.exists(os.path.join(data_dir, "meta.json")):
+            fail(f"dataset {cfg['dataset']!r} is not prepared ({data_dir}/meta.json is missing); run prepare.py "
                  f"or pass --synthetic=True")
         try:
-            with open(meta_path) as f:
-                meta = json.load(f)
-            vocab_size, train_tokens = meta["vocab_size"], meta["train_tokens"]
-        except (ValueError, KeyError) as e:
-            fail(f"{meta_path} is damaged ({type(e).__name__}: {e}); prepare the dataset again")
-        train_bin = os.path.join("data", cfg["dataset"], "train.bin")
+            meta = tok.read_meta(data_dir)
+        except tok.TokenizerError as e:
+            fail(str(e))
+        vocab_size, train_tokens = meta["vocab_size"], meta["train_tokens"]
+        train_bin = os.path.join(data_dir, "train.bin")
         if not os.path.exists(train_bin):
             fail(f"{train_bin} is missing; prepare the dataset again")
         if train_tokens <= cfg["block_size"] + 1:
             fail(f"block_size {cfg['block_size']} is longer than the train split ({train_tokens} tokens); "
                  f"lower --block_size")
+        train_data = np.memmap(train_bin, dtype=meta["dtype"], mode="r")
         vocab_size = (vocab_size + 63) // 64 * 64 if vocab_size > 1024 else vocab_size
     torch.backends.cuda.matmul.allow_tf32 = True
 
@@ -207,7 +206,7 @@ if __name__ == "__main__":
         print(f"measured peak on {device}: {p / 1e12:.3f} TFLOP/s ({d} matmul)")
     rows = []
     for run_dtype, compiled in runs:
-        model, row = bench_training(cfg, vocab_size, device, run_dtype, compiled, peaks[run_dtype])
+        model, row = bench_training(cfg, train_data, vocab_size, device, run_dtype, compiled, peaks[run_dtype])
         rows.append(row)
     name = " ".join(a for a in sys.argv[1:] if not a.startswith("--")) or "train.py defaults"
     print(f"\nconfig: {name} | {cfg['n_layer']}L {cfg['n_head']}H {cfg['n_embd']}d, context {cfg['block_size']}, "

@@ -174,6 +174,18 @@ def test_prepare_meta(prepared):
     assert meta["val_tokens"] == os.path.getsize(data_dir / "val.bin") // 2
     assert os.path.getsize(data_dir / "train.bin") % 2 == 0
     assert meta["train_tokens"] > meta["val_tokens"] > 0
+    assert tok.read_meta(str(data_dir)) == meta
+
+
+@pytest.mark.parametrize("damage", ["cut", "no_vocab_size", "dtype"])
+def test_read_meta_refuses_a_damaged_file(prepared, tmp_path, damage):
+    _, data_dir, meta = prepared
+    text = json.dumps({k: v for k, v in meta.items() if not (damage == "no_vocab_size" and k == "vocab_size")})
+    if damage == "dtype":
+        text = json.dumps(dict(meta, dtype="float64"))
+    (tmp_path / "meta.json").write_text(text[:len(text) // 2] if damage == "cut" else text)
+    with pytest.raises(tok.TokenizerError, match="meta.json is damaged.*prepare the dataset again"):
+        tok.read_meta(str(tmp_path))
 
 
 def test_prepare_one_eot_after_each_document(prepared):

@@ -50,6 +50,23 @@ def _tiktoken(name, ranks, meta):
         meta=meta)
 
 
+def read_meta(data_dir):
+    """A prepared dataset's meta.json, with the fields the scripts rely on checked: a file cut short
+    or edited by hand is refused here, not met later as a KeyError."""
+    path = os.path.join(data_dir, "meta.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+        missing = [k for k in ("tokenizer", "vocab_size", "dtype", "train_tokens", "val_tokens") if k not in meta]
+        if missing:
+            raise KeyError(f"no {', '.join(missing)}")
+        if meta["dtype"] not in ("uint16", "uint32"):  # the two prepare.py writes
+            raise ValueError(f"token dtype {meta['dtype']!r}")
+    except (ValueError, KeyError, TypeError) as e:
+        raise TokenizerError(f"{path} is damaged ({type(e).__name__}: {e}); prepare the dataset again") from None
+    return meta
+
+
 def read_ranks(path):
     """A tiktoken rank file: one `base64(token bytes) rank` per line. Read directly, because
     tiktoken's own loader caches files by path name, so a changed file at an old path goes unseen."""

@@ -159,17 +159,11 @@ if not os.path.exists(meta_path):
                f"python prepare.py --dataset={dataset}")
     fail(f"dataset {dataset!r} not found ({meta_path} is missing); make it with {command}")
 try:
-    with open(meta_path) as f:
-        meta = json.load(f)
-    missing = [k for k in ("tokenizer", "vocab_size", "dtype", "train_tokens", "val_tokens") if k not in meta]
-    if missing:
-        raise KeyError(f"no {', '.join(missing)}")
-    data_dtype = np.dtype(meta["dtype"])
+    meta = tok.read_meta(data_dir)
     tok.from_meta(meta, data_dir)  # a BPE file must be the one the bins were made with
 except tok.TokenizerError as e:
     fail(str(e))
-except (ValueError, KeyError, TypeError) as e:
-    fail(f"{meta_path} is damaged ({type(e).__name__}: {e}); prepare the dataset again")
+data_dtype = np.dtype(meta["dtype"])
 for split in ("train", "val"):
     path = os.path.join(data_dir, f"{split}.bin")
     size = os.path.getsize(path) if os.path.exists(path) else -1
