@@ -11,6 +11,7 @@ must have the type of the default it replaces (an int may stand for a float).
 Every mistake ends the program with one line that says what to do instead.
 """
 import ast
+import contextlib
 import difflib
 import os
 import sys
@@ -134,7 +135,6 @@ def resolve_dtype(dtype, device):
 def script_defaults(path):
     """The config defaults a script declares: its top-level literal assignments before it calls configure.
     Lets bench.py accept the same config files and keys as train.py without a second copy of them."""
-    import ast
     with open(path) as f:
         tree = ast.parse(f.read(), path)
     defaults = {}
@@ -152,7 +152,6 @@ def script_defaults(path):
 
 def autocast(device, dtype):
     """The mixed-precision context for a resolved device and dtype: nothing for float32."""
-    import contextlib
     import torch
     if dtype == "float32":
         return contextlib.nullcontext()

@@ -4,7 +4,6 @@ import pytest
 
 from configurator import configure, resolve_device, resolve_dtype
 
-
 DEFAULTS = {
     "batch_size": 12,
     "block_size": 256,

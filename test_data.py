@@ -9,7 +9,6 @@ import conftest
 import prepare
 import tokenizer as tok
 
-
 SAMPLES = [
     "Hello world",
     "",

@@ -14,6 +14,7 @@ validation loss), log.jsonl (metrics) and eval.json (the final full evaluation).
 """
 import json
 import math
+import netrc
 import os
 import random
 import signal
@@ -490,7 +491,6 @@ if master:
     except OSError as e:
         fail(f"out_dir {out_dir} is not writable ({e.strerror}); choose another --out_dir")
     if wandb_log:
-        import netrc
         import wandb
         try:  # `wandb login` keeps the key in ~/.netrc rather than the environment
             logged_in = netrc.netrc().authenticators("api.wandb.ai") is not None
