@@ -197,7 +197,8 @@ class GPT(nn.Module):
             elif filled == 0:
                 if cache is None:  # under autocast, keys and values come out in the autocast dtype
                     kind = idx.device.type
-                    dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else self.lm_head.weight.dtype
+                    autocasting = torch.is_autocast_enabled(kind)
+                    dtype = torch.get_autocast_dtype(kind) if autocasting else self.lm_head.weight.dtype
                     cache = self.new_cache(idx.size(0), idx.device, dtype)
                 logits, _ = self(idx[:, start:], cache=cache, pos=0)
                 filled = idx.size(1) - start

@@ -48,8 +48,7 @@ text_field = "text"      # the column that holds the documents (json, parquet, h
 mirror = ""              # a local folder holding a copy of the hub repository's files, used instead of the hub
 out = ""                 # output folder name under data/; default <dataset> or <dataset>_<tokenizer>
 max_tokens = 0           # stop the training split after this many tokens (0: the whole corpus)
-val_tokens = 0           # stop the validation split after this many tokens (0: no limit, or the held-out
-                         # share of max_tokens when that is set, so streaming stops once both are full)
+val_tokens = 0           # stop the validation split after this many tokens (0: max_tokens' held-out share, or no limit)
 val_fraction = 0.0       # share held out where a corpus has no validation split (0: 10% of plays, 0.5% of documents)
 num_proc = os.cpu_count() or 1  # tokenizer worker processes
 batch_docs = 256         # documents per unit of work sent to a worker
@@ -258,7 +257,8 @@ def compare_with_gpt2(t, report_bytes=20_000_000):
         if size >= report_bytes:
             break
     gpt2 = tok.gpt2()
-    print(f"{'validation text':<16}{'vocab':>8}{'bytes/token':>13}{'tokens/doc':>12}   ({len(docs):,} documents, {size:,} bytes)")
+    print(f"{'validation text':<16}{'vocab':>8}{'bytes/token':>13}{'tokens/doc':>12}   "
+          f"({len(docs):,} documents, {size:,} bytes)")
     for label, enc in (("this BPE", t), ("GPT-2", gpt2)):
         n = sum(len(ids) for ids in enc.encode_batch(docs))
         print(f"{label:<16}{enc.vocab_size:>8,}{size / n:>13.3f}{n / len(docs):>12,.1f}")

@@ -83,8 +83,6 @@ def test_bad_input(tmp_path):
         tok.bpe(str(tmp_path / "junk.tiktoken"))
 
 
-
-
 def test_prepare_train_and_sample_with_a_trained_bpe(tmp_path):
     p = conftest.run("prepare.py", "--tokenizer=bpe", "--vocab_size=2048", "--num_proc=1", cwd=tmp_path)
     assert p.returncode == 0, p.stderr

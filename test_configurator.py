@@ -22,7 +22,7 @@ def bad(argv, capsys, defaults=DEFAULTS):
     assert exc.value.code == 2
     captured = capsys.readouterr()
     assert captured.out == ""
-    lines = [l for l in captured.err.splitlines() if l.strip()]
+    lines = [line for line in captured.err.splitlines() if line.strip()]
     assert len(lines) == 1, captured.err
     assert lines[0].startswith("error: ")
     assert "Traceback" not in captured.err

@@ -327,7 +327,7 @@ def test_bad_input_fails_with_one_line(tmp_path):
     for name, (rc, out, err) in results.items():
         assert rc != 0, f"{name}: should fail\n{out}\n{err}"
         assert "Traceback" not in err and "Traceback" not in out, f"{name}:\n{err}"
-        nonempty = [l for l in err.splitlines() if l.strip()]
+        nonempty = [line for line in err.splitlines() if line.strip()]
         assert len(nonempty) == 1, f"{name}: want one stderr line, got:\n{err}"
         assert nonempty[0].startswith("error:"), nonempty[0]
         lines[name] = nonempty[0]

@@ -138,7 +138,8 @@ def train_bpe(texts, vocab_size, path):
     merges = json.loads(bpe_model.to_str())["model"]["merges"]
     # ByteLevel shows byte b as a printable character; invert that to get the raw bytes back
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    shown = {**{b: b for b in printable}, **{b: 256 + i for i, b in enumerate(sorted(set(range(256)) - set(printable)))}}
+    hidden = sorted(set(range(256)) - set(printable))
+    shown = {**{b: b for b in printable}, **{b: 256 + i for i, b in enumerate(hidden)}}
     to_byte = {chr(c): b for b, c in shown.items()}
     ranks = {bytes([b]): b for b in range(256)}
     for left, right in (m.split(" ") if isinstance(m, str) else m for m in merges):

@@ -36,7 +36,7 @@ from model import GPT, GPTConfig, from_hf_gpt2
 # -----------------------------------------------------------------------------
 # I/O
 out_dir = "checkpoint/run"
-init_from = "scratch"  # scratch | resume (out_dir/ckpt.pt) | path/to/other/ckpt.pt | hf:FOLDER | gpt2[-medium|-large|-xl]
+init_from = "scratch"  # scratch | resume (out_dir/ckpt.pt) | other/run/ckpt.pt | hf:FOLDER | gpt2[-medium|-large|-xl]
 eval_interval = 250
 log_interval = 10
 eval_iters = 50  # batches per split in the quick estimate made at each eval
@@ -438,7 +438,8 @@ def plot_losses():
         ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%.1f"))
     ax.set_xlabel("iteration")
     ax.set_ylabel("cross-entropy loss (nats per token)")
-    top = ax.secondary_xaxis("top", functions=(lambda i: i * tokens_per_iter / 1e6, lambda t: t * 1e6 / tokens_per_iter))
+    millions = (lambda i: i * tokens_per_iter / 1e6, lambda t: t * 1e6 / tokens_per_iter)  # iterations <-> tokens
+    top = ax.secondary_xaxis("top", functions=millions)
     top.set_xlabel("tokens seen (millions)")
     ax.set_title(f"{os.path.basename(os.path.abspath(out_dir))}: {dataset}, {raw_model.num_params() / 1e6:.1f}M "
                  f"parameters" + (f", best val {best_val_loss:.3f}" if val else ""))
@@ -512,6 +513,7 @@ def request_stop(signum, frame):
 
 signal.signal(signal.SIGINT, request_stop)
 signal.signal(signal.SIGTERM, request_stop)
+
 
 def agreed_stop():
     """All processes must stop at the same iteration: under DDP they agree at each log interval."""
