@@ -119,7 +119,7 @@ if __name__ == "__main__":
             fail(f"--prompts={prompts} must be a readable JSON file holding a list of strings")
         encoded = [encode_or_fail(t) for t in texts]  # refuse bad prompts before any work or output
         with open(out + ".tmp", "w", encoding="utf-8") as f:
-            for text, ids in zip(texts, encoded):
+            for text, ids in zip(texts, encoded, strict=True):
                 f.write(json.dumps({"prompt": text, "completion": tokenizer.decode(complete(ids)), **settings},
                                    ensure_ascii=False) + "\n")
         os.replace(out + ".tmp", out)

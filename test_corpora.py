@@ -322,7 +322,7 @@ def test_bad_input_fails_with_one_line(tmp_path):
         "empty": [f"--dataset={tmp_path / 'empty'}"],
     }
     results = dict(zip(cases, run_all(tmp_path, *[[*args, f"--out={name}", "--num_proc=1"]
-                                                  for name, args in cases.items()])))
+                                                  for name, args in cases.items()]), strict=True))
     lines = {}
     for name, (rc, out, err) in results.items():
         assert rc != 0, f"{name}: should fail\n{out}\n{err}"

@@ -325,7 +325,7 @@ def test_wandb_offline_run_holds_the_logged_metrics(work):
                             for item in r.history.item})
     log = read_log(work / "wb" / "log.jsonl")
     assert [h["_step"] for h in history] == [r["iter"] for r in log] == [5, 10]
-    for h, r in zip(history, log):
+    for h, r in zip(history, log, strict=True):
         for key in ("loss", "val_loss", "train_loss", "lr", "iter", "tokens"):
             assert h[key] == pytest.approx(r[key], rel=1e-12), (key, h, r)
     run_record = next(r for r in records if r.WhichOneof("record_type") == "run").run
@@ -374,7 +374,7 @@ def test_prompts_file_is_deterministic(work):
     first = generate(work, "gen.jsonl")
     generate(work, "gen2.jsonl")
     assert len(first) == 3
-    for record, prompt in zip(first, PROMPTS):
+    for record, prompt in zip(first, PROMPTS, strict=True):
         assert FIELDS <= record.keys(), record
         assert record["prompt"] == prompt and record["max_new_tokens"] == 30 and record["seed"] == 1337
         assert 0 < len(record["completion"]) <= 30

@@ -188,5 +188,5 @@ def train_50_steps(bf16):
 def test_bf16_autocast_training_tracks_fp32():
     # tolerance: 0.05 nats at every one of 50 steps (measured: about 0.0015), and both really learn
     fp32, bf16 = train_50_steps(False), train_50_steps(True)
-    assert max(abs(a - b) for a, b in zip(fp32, bf16)) < 0.05
+    assert max(abs(a - b) for a, b in zip(fp32, bf16, strict=True)) < 0.05
     assert bf16[-1] < 0.6 * bf16[0] and fp32[-1] < 0.6 * fp32[0]

@@ -369,7 +369,7 @@ def evaluate_split(split="val"):
         lengths = [min(block_size, n_targets - s) for s in chunk]
         x = torch.zeros(len(chunk), block_size, dtype=torch.int64)
         y = torch.full((len(chunk), block_size), -1, dtype=torch.int64)  # -1 is ignored by the loss
-        for row, (s, n) in enumerate(zip(chunk, lengths)):
+        for row, (s, n) in enumerate(zip(chunk, lengths, strict=True)):
             x[row, :n] = torch.from_numpy(data[s:s + n].astype(np.int64))
             y[row, :n] = torch.from_numpy(data[s + 1:s + 1 + n].astype(np.int64))
         with mixed_precision:
@@ -429,9 +429,9 @@ def plot_losses():
     train = [(r["iter"], r["loss"]) for r in records if "loss" in r]
     val = [(r["iter"], r["val_loss"]) for r in records if "val_loss" in r]
     if train:
-        ax.plot(*zip(*train), color="tab:blue", alpha=0.6, lw=1, label="train loss (per step)")
+        ax.plot(*zip(*train, strict=True), color="tab:blue", alpha=0.6, lw=1, label="train loss (per step)")
     if val:
-        ax.plot(*zip(*val), color="tab:orange", marker="o", ms=3, lw=2, label="validation loss (estimate)")
+        ax.plot(*zip(*val, strict=True), color="tab:orange", marker="o", ms=3, lw=2, label="validation loss (estimate)")
     if plot_log_scale:
         ax.set_yscale("log")
         ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.1f"))
