@@ -2,6 +2,7 @@
 import json
 import os
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -56,7 +57,7 @@ def test_training_is_deterministic(trained, tmp_path):
     _, path = trained
     mixed = domain_text(300, 0) + ["Unicode too: 世界 🎉 naïve café — ok\t\n", "x" * 50]
     tok.train_bpe(iter(mixed), 600, str(tmp_path / "again.tiktoken"))
-    assert (tmp_path / "again.tiktoken").read_bytes() == open(path, "rb").read()
+    assert (tmp_path / "again.tiktoken").read_bytes() == Path(path).read_bytes()
 
 
 def test_file_reloads_to_the_same_encoding(trained):

@@ -73,7 +73,8 @@ def kill_tree(proc, workers=()):
 
 def torchrun(args, cwd):
     """train.py under torchrun with two workers; (process, its output as a function)."""
-    output = tempfile.TemporaryFile("w+")  # not a pipe: a full pipe would stall a process not yet waited for
+    # not a pipe: a full pipe would stall a process not yet waited for; read() reads it while the run lives
+    output = tempfile.TemporaryFile("w+")  # noqa: SIM115
     proc = subprocess.Popen([TORCHRUN, "--standalone", "--nproc_per_node=2", TRAIN, *args], cwd=cwd, env=ENV,
                             stdout=output, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 

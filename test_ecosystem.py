@@ -12,6 +12,7 @@ import struct
 import sys
 import time
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -271,7 +272,7 @@ def wandb_records(path):
     blocks of records: crc32 of type+data, uint16 length, uint8 type FULL/FIRST/MIDDLE/LAST, data).
     wandb 0.31 writes it from its Go core and ships no Python reader, so it is read here by the format."""
     from wandb.proto import wandb_internal_pb2
-    data = open(path, "rb").read()
+    data = Path(path).read_bytes()
     ident, magic, version = struct.unpack("<4sHB", data[:7])
     assert (ident, magic, version) == (b":W&B", 0xBEE1, 0), (ident, magic, version)
     pos, pending, payloads = 7, b"", []

@@ -73,7 +73,7 @@ def test_sigkill_then_resume_is_bitwise_identical(workdir):
         out = workdir / f"killed_at_{k}"
         proc = conftest.start("train.py", *TINY, f"--out_dir={out.name}", cwd=workdir)
         try:
-            wait_for(lambda: last_iter(out / "log.jsonl") >= k, proc)
+            wait_for(lambda out=out, k=k: last_iter(out / "log.jsonl") >= k, proc)
             proc.send_signal(signal.SIGKILL)
             proc.wait(30)
         finally:
@@ -127,7 +127,7 @@ def test_kill_inside_checkpoint_write_keeps_previous(workdir):
             old = os.stat(out / "ckpt.pt").st_ino  # os.replace gives ckpt.pt a new inode
             before = (out / "ckpt.pt").read_bytes()
 
-            def writing():
+            def writing(old=old):
                 try:
                     return (out / "ckpt.pt.tmp").stat().st_size > 0 and os.stat(out / "ckpt.pt").st_ino == old
                 except FileNotFoundError:
