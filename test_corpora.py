@@ -341,9 +341,9 @@ def test_bad_input_fails_with_one_line(tmp_path):
 
 # --------------------------------------------------------------------------- 7: interruption
 
-WORDS = [w for w in ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho "
-                     "sigma tau upsilon phi chi psi omega river stone cloud ember harbor lantern meadow "
-                     "quartz velvet willow zephyr saffron tundra orchid marble falcon glacier").split()]
+WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho "
+         "sigma tau upsilon phi chi psi omega river stone cloud ember harbor lantern meadow "
+         "quartz velvet willow zephyr saffron tundra orchid marble falcon glacier").split()
 
 
 @pytest.fixture(scope="module")

@@ -376,7 +376,7 @@ def test_prompts_file_is_deterministic(work):
     generate(work, "gen2.jsonl")
     assert len(first) == 3
     for record, prompt in zip(first, PROMPTS, strict=True):
-        assert FIELDS <= record.keys(), record
+        assert record.keys() >= FIELDS, record
         assert record["prompt"] == prompt and record["max_new_tokens"] == 30 and record["seed"] == 1337
         assert 0 < len(record["completion"]) <= 30
     assert (work / "gen.jsonl").read_bytes() == (work / "gen2.jsonl").read_bytes()
