@@ -1,10 +1,11 @@
 # make demo: set up, prepare the embedded Shakespeare corpus, train on the CPU, sample.
 # make test: set up, run the test suite.
+# make lint: ruff's checks (pyproject.toml); make format: apply the fixes it can make itself.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test install clean
+.PHONY: demo test lint format install clean
 
 install: $(VENV)/installed
 
@@ -31,6 +32,12 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+format: install
+	$(VENV)/bin/ruff check --fix .
 
 clean:
 	rm -rf $(VENV) .pytest_cache __pycache__
