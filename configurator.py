@@ -55,7 +55,12 @@ def _parse_value(raw, default):
 
 def configure(defaults, argv):
     """Return a copy of `defaults` with the config files and --key=value of argv applied."""
-    config = dict(defaults)
+    return {**defaults, **overrides(defaults, argv)}
+
+
+def overrides(defaults, argv):
+    """Only the keys that argv's config files and --key=value set, checked against `defaults`."""
+    config = {}
     for arg in argv:
         if arg.startswith("--"):
             key, eq, raw = arg[2:].partition("=")

@@ -11,9 +11,9 @@ import json
 import os
 import sys
 
+import checkpoint as ckpt
 from configurator import configure, defaults_from, fail
 from model import to_hf_gpt2
-from sample import load_checkpoint
 
 # -----------------------------------------------------------------------------
 out_dir = ""  # the run to export; default: the newest under checkpoint/
@@ -27,7 +27,10 @@ if __name__ == "__main__":
         fail("say where to write the Hugging Face folder with --to=FOLDER")
     if os.path.exists(os.path.join(to, "model.safetensors")):
         fail(f"{to} already holds a model; choose an empty --to folder")
-    model, tokenizer, path = load_checkpoint(out_dir, checkpoint_name, "cpu")
+    try:
+        model, tokenizer, path = ckpt.open_run(out_dir, checkpoint_name)
+    except ckpt.CheckpointError as e:
+        fail(str(e))
     try:
         to_hf_gpt2(model, to, eot_token=tokenizer.eot_token)
     except ValueError as e:

@@ -8,7 +8,6 @@ Generate text from a trained checkpoint:
 
 With no --out_dir, the most recently written checkpoint under checkpoint/ is used.
 """
-import glob
 import json
 import os
 import signal
@@ -16,9 +15,9 @@ import sys
 
 import torch
 
+import checkpoint as ckpt
 import tokenizer as tok
 from configurator import configure, defaults_from, fail, resolve_device, resolve_dtype
-from model import GPT, GPTConfig
 
 # -----------------------------------------------------------------------------
 out_dir = ""  # a run folder holding ckpt.pt; default: the newest under checkpoint/
@@ -38,31 +37,6 @@ dtype = "auto"
 # -----------------------------------------------------------------------------
 
 
-def load_checkpoint(out_dir, checkpoint_name, device):
-    """The model and the tokenizer it was trained with, ready for generation."""
-    if not out_dir:
-        found = sorted(glob.glob(os.path.join("checkpoint", "*", checkpoint_name)), key=os.path.getmtime)
-        if not found:
-            fail("no checkpoint found under checkpoint/; train one (e.g. make demo) or pass --out_dir")
-        out_dir = os.path.dirname(found[-1])
-    path = os.path.join(out_dir, checkpoint_name)
-    if not os.path.exists(path):
-        fail(f"no checkpoint at {path}; train one first or pass the run's --out_dir")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-        model = GPT(GPTConfig(**checkpoint["model_args"]))
-        model.load_state_dict(checkpoint["model"])
-    except Exception as e:
-        fail(f"{path} is not a checkpoint this model can load ({type(e).__name__}: {str(e).splitlines()[0]})")
-    data_dir = os.path.join("data", checkpoint["config"].get("dataset", ""))
-    try:
-        encoder = tok.from_meta(checkpoint["meta"], data_dir)
-    except tok.TokenizerError as e:
-        fail(str(e))
-    model.eval().to(device)
-    return model, encoder, path
-
-
 def read_prompt(start):
     if start.startswith("FILE:"):
         path = start[5:]
@@ -80,7 +54,11 @@ if __name__ == "__main__":
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
 
-    model, tokenizer, path = load_checkpoint(out_dir, checkpoint_name, device)
+    try:
+        model, tokenizer, path = ckpt.open_run(out_dir, checkpoint_name)
+    except ckpt.CheckpointError as e:
+        fail(str(e))
+    model.eval().to(device)
     # each new token reads every weight once, so generation is bound by memory traffic: weights stored in
     # half precision halve it, where autocast would convert every weight again for every token
     model.to(getattr(torch, dtype))

@@ -50,6 +50,15 @@ def _tiktoken(name, ranks, meta):
         meta=meta)
 
 
+def dataset_dir(name):
+    """data/<name>, the folder prepare.py wrote. Names also come from checkpoints, which may come from
+    anyone, so a name that leads outside data/ is refused."""
+    if not name or os.path.isabs(name) or ".." in name.split("/"):
+        raise TokenizerError(f"dataset {name!r} is not a folder under data/; give the name of a folder "
+                             f"prepare.py wrote")
+    return os.path.join("data", name)
+
+
 def read_meta(data_dir):
     """A prepared dataset's meta.json, with the fields the scripts rely on checked: a file cut short
     or edited by hand is refused here, not met later as a KeyError."""
@@ -180,5 +189,9 @@ def from_meta(meta, data_dir="."):
     if kind == "char":
         return char(list(meta["chars"]))
     if kind == "bpe":
-        return bpe(os.path.join(data_dir, meta["tokenizer_file"]), meta.get("tokenizer_sha256"))
+        name = meta.get("tokenizer_file")
+        if not isinstance(name, str) or name in ("", ".", "..") or os.path.basename(name) != name:
+            raise TokenizerError(f"meta.json names tokenizer file {name!r}, which is not a file name in the "
+                                 f"dataset's folder; refusing to read files outside it")
+        return bpe(os.path.join(data_dir, name), meta.get("tokenizer_sha256"))
     raise TokenizerError(f"unknown tokenizer {kind!r} in meta.json; expected gpt2, char or bpe")

@@ -16,7 +16,6 @@ import json
 import math
 import netrc
 import os
-import random
 import signal
 import sys
 import time
@@ -28,9 +27,10 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import checkpoint as ckpt
 import tokenizer as tok
 from bench import measure_peak_flops
-from configurator import autocast, configure, defaults_from, fail, resolve_device, resolve_dtype
+from configurator import autocast, defaults_from, fail, overrides, resolve_device, resolve_dtype
 from model import GPT, GPTConfig, from_hf_gpt2
 
 # -----------------------------------------------------------------------------
@@ -40,7 +40,7 @@ init_from = "scratch"  # scratch | resume (out_dir/ckpt.pt) | other/run/ckpt.pt 
 eval_interval = 250
 log_interval = 10
 eval_iters = 50  # batches per split in the quick estimate made at each eval
-eval_only = False  # evaluate the checkpoint on the whole validation split and exit
+eval_only = False  # evaluate out_dir's checkpoint (or what init_from names) on the whole val split, then exit
 always_save_checkpoint = True  # save ckpt.pt at every eval, not only when val loss improves
 final_eval = True  # after training, evaluate the whole validation split into eval.json
 plot = True  # redraw out_dir/loss.png at every eval
@@ -81,7 +81,32 @@ backend = "auto"  # DDP backend: nccl on GPUs, gloo on CPUs
 ddp_timeout = 300  # seconds a rank waits for the others before giving up
 seed = 1337
 # -----------------------------------------------------------------------------
-config = configure(defaults_from(globals()), sys.argv[1:])
+# Resuming or evaluating a run takes its config from the checkpoint. The command line may change how
+# long it runs, its learning rate (lowered after a divergence, or a longer tail), clipping, evaluation,
+# logging, and the hardware it runs on; not the architecture, the data or the batch.
+MAY_CHANGE_ON_RESUME = {"init_from", "eval_only", "max_iters", "learning_rate", "decay_lr", "warmup_iters",
+                        "lr_decay_iters", "min_lr", "grad_clip", "eval_interval", "log_interval", "eval_iters",
+                        "always_save_checkpoint", "final_eval", "plot", "plot_log_scale", "wandb_log",
+                        "wandb_project", "wandb_run_name", "device", "dtype", "compile", "backend", "ddp_timeout"}
+defaults = defaults_from(globals())
+given = overrides(defaults, sys.argv[1:])
+config = {**defaults, **given}
+resuming = config["init_from"] == "resume" or (config["eval_only"] and config["init_from"] == "scratch")
+ckpt_path = os.path.join(config["out_dir"], "ckpt.pt")
+checkpoint = None
+if resuming:
+    try:
+        checkpoint = ckpt.load(ckpt_path)
+    except ckpt.CheckpointError as e:
+        fail(str(e))
+    config = {**defaults, **{k: v for k, v in checkpoint["config"].items() if k in defaults},
+              "out_dir": config["out_dir"], "init_from": "resume", "eval_only": config["eval_only"]}
+    for key, value in given.items():
+        if key in MAY_CHANGE_ON_RESUME:
+            config[key] = value
+        elif key != "out_dir" and value != config[key]:
+            fail(f"{key}={value!r} differs from the run's {config[key]!r}, and {key} cannot change when a run "
+                 f"is resumed or evaluated; leave it out, the checkpoint's config is used")
 globals().update(config)
 
 
@@ -149,7 +174,10 @@ def log(*args):
 
 # -----------------------------------------------------------------------------
 # data: token files written by prepare.py, described by meta.json
-data_dir = os.path.join("data", dataset)
+try:
+    data_dir = tok.dataset_dir(dataset)  # a resumed run's dataset name comes from its checkpoint
+except tok.TokenizerError as e:
+    fail(str(e))
 meta_path = os.path.join(data_dir, "meta.json")
 if not os.path.exists(meta_path):
     # prepare.py names a dataset <corpus>, <corpus>_char or <corpus>_bpe<vocab_size>
@@ -212,26 +240,23 @@ if vocab_size > 1024:
     vocab_size = (vocab_size + 63) // 64 * 64  # multiples of 64 make the head's matmul faster
 model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
                   vocab_size=vocab_size, dropout=dropout, norm=norm)
-iter_num, best_val_loss, checkpoint = 0, float("inf"), None
-ckpt_path = os.path.join(out_dir, "ckpt.pt")
+iter_num, best_val_loss = 0, float("inf")
 
 
-def load_checkpoint(path):
-    """A checkpoint of this project whose tokenizer is the dataset's, or a one-line refusal."""
-    if not os.path.exists(path):
-        fail(f"no checkpoint at {path}; train one first or point --out_dir (or --init_from) at a run")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        ckpt["model_args"], ckpt["meta"]
-    except Exception as e:
-        fail(f"{path} is not a checkpoint of this project ({type(e).__name__}: {str(e).splitlines()[0]})")
-    if any(ckpt["meta"].get(k) != meta.get(k) for k in ("tokenizer", "vocab_size", "tokenizer_sha256", "chars")):
-        fail(f"{path} was trained with a {ckpt['meta']['tokenizer']} tokenizer of {ckpt['meta']['vocab_size']} "
+def model_from_checkpoint(state, path, **overrides):
+    """The model of a checkpoint whose tokenizer is the dataset's, or a one-line refusal."""
+    source = state["meta"]
+    if any(source.get(k) != meta.get(k) for k in ("tokenizer", "vocab_size", "tokenizer_sha256", "chars")):
+        fail(f"{path} was trained with a {source.get('tokenizer')} tokenizer of {source.get('vocab_size')} "
              f"ids, but dataset {dataset!r} uses {meta['tokenizer']} with {meta['vocab_size']}; "
              f"use a dataset prepared with the checkpoint's tokenizer")
-    if block_size > ckpt["model_args"]["block_size"]:
-        fail(f"block_size {block_size} exceeds the checkpoint's {ckpt['model_args']['block_size']}; lower --block_size")
-    return ckpt
+    if block_size > state["model_args"].get("block_size", 0):
+        fail(f"block_size {block_size} exceeds the checkpoint's {state['model_args'].get('block_size')}; "
+             f"lower --block_size")
+    try:
+        return ckpt.model_from(state, path, **overrides)
+    except ckpt.CheckpointError as e:
+        fail(str(e))
 
 
 def pretrained_gpt2():
@@ -262,12 +287,10 @@ def pretrained_gpt2():
 
 
 torch.manual_seed(seed + rank)
-if init_from == "resume" or eval_only:
-    checkpoint = load_checkpoint(ckpt_path)
-    model_args = dict(checkpoint["model_args"], dropout=dropout)  # the architecture is the checkpoint's
+if resuming:
+    model = model_from_checkpoint(checkpoint, ckpt_path)
+    model_args = checkpoint["model_args"]
     iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
-    model = GPT(GPTConfig(**model_args))
-    model.load_state_dict(checkpoint["model"])
 else:
     if os.path.exists(ckpt_path):
         fail(f"{out_dir} already holds a checkpoint; continue it with --init_from=resume, "
@@ -276,15 +299,19 @@ else:
         model = GPT(GPTConfig(**model_args))
     else:  # fine-tuning: weights from elsewhere, a fresh optimizer and schedule
         if init_from.endswith(".pt"):
-            source = load_checkpoint(init_from)
-            model = GPT(GPTConfig(**dict(source["model_args"], dropout=dropout)))
-            model.load_state_dict(source["model"])
+            try:
+                source = ckpt.load(init_from)
+            except ckpt.CheckpointError as e:
+                fail(str(e))
+            model = model_from_checkpoint(source, init_from, dropout=dropout)
             del source  # free the memory
         else:
             model = pretrained_gpt2()
         if block_size < model.config.block_size:
             model.crop_block_size(block_size)
         model_args = dict(vars(model.config))
+        # the saved config tells the truth: the architecture is the source's, not the defaults'
+        config.update({k: v for k, v in model_args.items() if k in config})
 model.to(device)
 scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
@@ -299,12 +326,7 @@ if checkpoint is not None and not eval_only:
     # each process restores its own dropout stream; with another process count, the seeds above stand
     ranks_rng = checkpoint["rng"]["ranks"]
     if len(ranks_rng) == world_size:
-        rng = ranks_rng[rank]
-        random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
-        torch.set_rng_state(rng["torch"])
-        if device_type == "cuda" and rng["cuda"] is not None:
-            torch.cuda.set_rng_state(rng["cuda"])
+        ckpt.set_rng_state(ranks_rng[rank], cuda=device_type == "cuda")
 checkpoint = None  # free the memory
 
 raw_model = model
@@ -382,9 +404,7 @@ def evaluate_split(split="val"):
 
 
 def save_checkpoint(path):
-    """Write atomically: a kill mid-write leaves the previous file whole."""
-    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-           "cuda": torch.cuda.get_rng_state() if device_type == "cuda" else None}
+    rng = ckpt.rng_state(cuda=device_type == "cuda")
     ranks_rng = [rng]
     if ddp:  # every process draws its own dropout masks, so an exact resume needs every process's state
         ranks_rng = [None] * world_size
@@ -403,18 +423,10 @@ def save_checkpoint(path):
     }
     if scaler.is_enabled():
         state["scaler"] = scaler.state_dict()
-    tmp = path + ".tmp"
     try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        fail(f"could not write {path} ({e.strerror}); the previous checkpoint is intact. "
-             f"Free disk space or choose a writable --out_dir, then resume")
+        ckpt.save(state, path)
+    except ckpt.CheckpointError as e:
+        fail(str(e))
 
 
 def plot_losses():
@@ -477,6 +489,8 @@ def shut_down():
 
 
 if eval_only:
+    if master:
+        os.makedirs(out_dir, exist_ok=True)  # evaluating another source (init_from) starts a folder
     final_evaluation()
     shut_down()
     sys.exit(0)
@@ -603,9 +617,8 @@ while iter_num < max_iters:
         # saved without an evaluation, so a stop is prompt; evaluations draw from their own generator,
         # so the resumed run goes on exactly as an uninterrupted one would
         save_checkpoint(ckpt_path)
-        again = " ".join(a for a in sys.argv[1:] if not a.startswith("--init_from="))
         log(f"{stop_signal or 'a stop request'} received: saved {ckpt_path} at iteration {iter_num}. "
-            f"Continue with: python train.py {again} --init_from=resume")
+            f"Continue with: python train.py --out_dir={out_dir} --init_from=resume")
         break
 
 if final_eval and not stopping and max_iters > 0:
