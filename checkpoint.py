@@ -65,12 +65,13 @@ def load(path):
         with torch.serialization.safe_globals(OLD_FORMAT_GLOBALS):
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        if isinstance(e, pickle.UnpicklingError) and "Weights only load failed" in str(e):
-            what = re.search(r"GLOBAL (\S+)", str(e))
-            raise CheckpointError(f"{path} contains Python objects that are not plain data"
-                                  f"{f' ({what[1]})' if what else ''}; refusing to load it (it may run code)") from None
-        raise CheckpointError(f"{path} is not a checkpoint of this project "
-                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        unsafe = re.search(r"GLOBAL (\S+)", str(e)) if isinstance(e, pickle.UnpicklingError) else None
+        if unsafe:
+            raise CheckpointError(f"{path} contains Python objects that are not plain data ({unsafe[1]}); "
+                                  f"refusing to load it (it may run code)") from None
+        reason = "damaged, or not written by torch.save" if isinstance(e, pickle.UnpicklingError) else \
+            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        raise CheckpointError(f"{path} is not a checkpoint of this project ({reason})") from None
     if not isinstance(ckpt, dict) or not {"model_args", "model", "config", "meta"} <= ckpt.keys():
         raise CheckpointError(f"{path} is not a checkpoint of this project (it lacks model_args, model, "
                               f"config or meta)")

@@ -8,6 +8,7 @@ GELU MLP, a final norm, and an output head tied to the token embedding.
 import json
 import math
 import os
+import pickle
 from dataclasses import dataclass
 
 import torch
@@ -252,7 +253,11 @@ def from_hf_gpt2(folder, dropout=0.0):
         from safetensors.torch import load_file
         state = load_file(weights)
     else:
-        state = torch.load(os.path.join(folder, "pytorch_model.bin"), map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(os.path.join(folder, "pytorch_model.bin"), map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            raise ValueError(f"{folder}/pytorch_model.bin contains Python objects that are not plain data; "
+                             f"refusing to load it (it may run code)") from None
     state = {k.removeprefix("transformer."): v for k, v in state.items()}
     config = GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
                        n_head=hf["n_head"], n_embd=hf["n_embd"], dropout=dropout, bias=True, norm="layernorm")

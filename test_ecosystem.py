@@ -333,6 +333,20 @@ def test_wandb_offline_run_holds_the_logged_metrics(work):
     assert run_record.display_name == "wb"
 
 
+def test_wandb_api_key_is_never_written(work):
+    """The key stays in the environment: not in the checkpoint, the logs, eval.json or wandb's own files."""
+    pytest.importorskip("wandb")
+    secret = "k3y" + os.urandom(18).hex()
+    env = dict(make_env(work), WANDB_API_KEY=secret, WANDB_MODE="offline")
+    run("train.py", *CHAR, "--max_iters=4", "--eval_interval=4", "--wandb_log=True", "--final_eval=True",
+        "--out_dir=wb_key", cwd=work, env=env)
+    written = [os.path.join(root, f) for root, _, names in os.walk(work / "wb_key") for f in names]
+    assert {"ckpt.pt", "log.jsonl", "eval.json"} <= {os.path.basename(f) for f in written}
+    assert any(f.endswith(".wandb") for f in written), written  # holds the run's config and history
+    for path in written:
+        assert secret.encode() not in Path(path).read_bytes(), path
+
+
 # -----------------------------------------------------------------------------
 # 5. metrics log and plot
 
