@@ -14,6 +14,7 @@ import os
 import resource
 import sys
 import time
+from dataclasses import fields
 
 import numpy as np
 import torch
@@ -89,11 +90,11 @@ def batches(cfg, train_data, vocab_size, device, n=8):
 def bench_training(cfg, train_data, vocab_size, device, dtype, compiled, peak):
     torch.manual_seed(cfg["seed"])
     device_type = device.split(":")[0]
-    model = GPT(GPTConfig(n_layer=cfg["n_layer"], n_head=cfg["n_head"], n_embd=cfg["n_embd"],
-                          block_size=cfg["block_size"], vocab_size=vocab_size, bias=cfg["bias"],
-                          dropout=cfg["dropout"], norm=cfg["norm"])).to(device)
+    model_args = {f.name: cfg[f.name] for f in fields(GPTConfig) if f.name in cfg} | {"vocab_size": vocab_size}
+    model = GPT(GPTConfig(**model_args)).to(device)
     optimizer = model.configure_optimizers(cfg["weight_decay"], cfg["learning_rate"], (cfg["beta1"], cfg["beta2"]),
-                                           device_type)
+                                           device_type, cfg["optimizer"], cfg["muon_lr"], cfg["muon_momentum"],
+                                           torch.bfloat16 if dtype == "bfloat16" else torch.float32)
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
     mixed_precision = autocast(device, dtype)
     step_model = torch.compile(model) if compiled else model

@@ -1,14 +1,21 @@
 """
-The GPT, all in one file: the only code that knows the architecture.
+The GPT, all in one file: the only code that knows the architecture, and its optimizers.
 
-A decoder-only transformer in the GPT-2 mould (Radford et al. 2019): learned
-token and position embeddings, pre-norm blocks of causal self-attention and a
-GELU MLP, a final norm, and an output head tied to the token embedding.
+A decoder-only transformer in the GPT-2 mould (Radford et al. 2019): token
+embeddings, pre-norm blocks of causal self-attention and an MLP, a final norm,
+and an output head tied to the token embedding. GPT-2 itself is the default;
+each later choice is one GPTConfig field:
+  norm     layernorm | rmsnorm (Zhang & Sennrich 2019)
+  pos      learned position embeddings | rope, rotary embeddings of queries and keys (Su et al. 2021)
+  mlp      gelu | swiglu, a gated MLP (Shazeer 2020) | relu2, squared ReLU (So et al. 2021)
+  qk_norm  RMSNorm of each head's queries and keys (Dehghani et al. 2023)
+Training uses AdamW, or Muon for the hidden matrices (Jordan et al. 2024) with AdamW for the rest.
 """
 import json
 import math
 import os
 import pickle
+from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
@@ -25,13 +32,35 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0
     bias: bool = True  # biases in Linear layers and LayerNorms, as GPT-2 has
-    norm: str = "layernorm"  # 'layernorm' | 'rmsnorm' (Zhang & Sennrich 2019)
+    norm: str = "layernorm"  # 'layernorm' | 'rmsnorm'
+    pos: str = "learned"  # 'learned' | 'rope'
+    mlp: str = "gelu"  # 'gelu' | 'swiglu' | 'relu2'
+    qk_norm: bool = False
+
+
+CHOICES = {"norm": ("layernorm", "rmsnorm"), "pos": ("learned", "rope"), "mlp": ("gelu", "swiglu", "relu2")}
 
 
 def make_norm(config):
     if config.norm == "rmsnorm":
         return nn.RMSNorm(config.n_embd, eps=1e-5)
     return nn.LayerNorm(config.n_embd, bias=config.bias)
+
+
+def rotary_tables(head_size, length, base=10000.0):
+    """cos and sin of every position's rotation angles, each (length, head_size // 2)."""
+    frequencies = base ** (-torch.arange(0, head_size, 2, dtype=torch.float32) / head_size)
+    angles = torch.outer(torch.arange(length, dtype=torch.float32), frequencies)
+    return angles.cos(), angles.sin()
+
+
+def rotate(x, cos, sin):
+    """Rotate pairs of x's features (the first half against the second) by each position's angles.
+    x (B, nh, T, hs); cos and sin (T, hs // 2). Dot products of rotated queries and keys then depend
+    only on how far apart two positions are."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
 
 class CausalSelfAttention(nn.Module):
@@ -43,11 +72,18 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.dropout = config.dropout
+        if config.qk_norm:  # bounds attention logits, which otherwise grow with the weights
+            self.q_norm = nn.RMSNorm(config.n_embd // config.n_head, eps=1e-5)
+            self.k_norm = nn.RMSNorm(config.n_embd // config.n_head, eps=1e-5)
 
-    def forward(self, x, cache=None, pos=0):
+    def forward(self, x, cache=None, pos=0, rope=None):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:  # the tables' rows for positions pos .. pos+T-1
+            q, k = rotate(q, *rope), rotate(k, *rope)
         if cache is not None:
             # keys and values of earlier positions are kept, so a new token attends without recomputing them
             cache_k, cache_v = cache
@@ -66,12 +102,24 @@ class MLP(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.kind = config.mlp
+        # swiglu has three matrices, not two: a hidden width of 8/3 instead of 4 keeps the parameter count
+        hidden = 8 * config.n_embd // 3 if self.kind == "swiglu" else 4 * config.n_embd
+        # swiglu's gate and value come from one matmul, c_fc, as attention's q, k and v do from c_attn
+        self.c_fc = nn.Linear(config.n_embd, (2 if self.kind == "swiglu" else 1) * hidden, bias=config.bias)
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+        h = self.c_fc(x)
+        if self.kind == "swiglu":
+            gate, value = h.chunk(2, dim=-1)
+            h = F.silu(gate) * value
+        elif self.kind == "relu2":
+            h = F.relu(h).square()
+        else:
+            h = F.gelu(h, approximate="tanh")
+        return self.dropout(self.c_proj(h))
 
 
 class Block(nn.Module):
@@ -83,8 +131,8 @@ class Block(nn.Module):
         self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x, cache=None, pos=0):
-        x = x + self.attn(self.ln_1(x), cache, pos)
+    def forward(self, x, cache=None, pos=0, rope=None):
+        x = x + self.attn(self.ln_1(x), cache, pos, rope)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -93,15 +141,21 @@ class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
         assert config.n_embd % config.n_head == 0, "n_embd must be divisible by n_head"
-        assert config.norm in ("layernorm", "rmsnorm"), "norm must be 'layernorm' or 'rmsnorm'"
+        for key, valid in CHOICES.items():
+            assert getattr(config, key) in valid, f"{key} must be one of {valid}"
         self.config = config
+        learned = {"wpe": nn.Embedding(config.block_size, config.n_embd)} if config.pos == "learned" else {}
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
-            wpe=nn.Embedding(config.block_size, config.n_embd),
+            **learned,
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
             ln_f=make_norm(config),
         ))
+        if config.pos == "rope":  # derived from positions, not learned: kept out of the state dict
+            cos, sin = rotary_tables(config.n_embd // config.n_head, config.block_size)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying (Press & Wolf 2017)
 
@@ -122,16 +176,23 @@ class GPT(nn.Module):
         """Parameter count; position embeddings are left out by default as they do no matmul work.
         The token embedding stays in: it is also the output head."""
         n = sum(p.numel() for p in self.parameters())
-        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+        if non_embedding and "wpe" in self.transformer:
+            n -= self.transformer.wpe.weight.numel()
+        return n
 
     def forward(self, idx, targets=None, cache=None, pos=0):
         B, T = idx.shape
         assert pos + T <= self.config.block_size, \
             f"sequence of {pos + T} tokens is longer than block_size {self.config.block_size}"
-        positions = torch.arange(pos, pos + T, dtype=torch.long, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))
+        x = self.transformer.wte(idx)
+        rope = None
+        if self.config.pos == "learned":
+            x = x + self.transformer.wpe(torch.arange(pos, pos + T, dtype=torch.long, device=idx.device))
+        else:
+            rope = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]
+        x = self.transformer.drop(x)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, None if cache is None else cache[i], pos)
+            x = block(x, None if cache is None else cache[i], pos, rope)
         x = self.transformer.ln_f(x)
         if targets is None:
             # generation needs only the last position's distribution
@@ -140,17 +201,31 @@ class GPT(nn.Module):
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
         return logits, loss
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, optimizer="adamw",
+                             muon_lr=0.02, muon_momentum=0.95, muon_dtype=torch.float32):
+        """AdamW for everything; or Muon for the blocks' matrices and AdamW for embeddings, head and gains.
+        A param group's lr_scale is its learning rate relative to learning_rate, for the schedule."""
+        params = {name: p for name, p in self.named_parameters() if p.requires_grad}
+        hidden = {name: p for name, p in params.items() if optimizer == "muon" and ".h." in name and p.dim() == 2}
+        rest = [p for name, p in params.items() if name not in hidden]
         # decay the 2-D weights of matmuls and embeddings; leave biases and norm gains alone
-        params = [p for p in self.parameters() if p.requires_grad]
         groups = [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+            {"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0},
         ]
         # fused AdamW updates all parameters in one kernel, on CUDA and (since torch 2.4) on the CPU, where
         # it is 5x faster than foreach for the 10M-parameter char model; other devices batch with foreach
         extra = {"fused": True} if device_type in ("cuda", "cpu") else {"foreach": True}
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **extra)
+        adamw = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **extra)
+        if not hidden:
+            return adamw
+        # c_attn stacks the q, k and v matrices, and a swiglu c_fc the gate and value: each is its own map
+        stacked = {name: 3 if "c_attn" in name else 2 if "c_fc" in name and self.config.mlp == "swiglu" else 1
+                   for name in hidden}
+        muon_groups = [{"params": [p for name, p in hidden.items() if stacked[name] == n], "stacked": n,
+                        "lr_scale": muon_lr / learning_rate} for n in sorted(set(stacked.values()))]
+        muon = Muon(muon_groups, lr=muon_lr, momentum=muon_momentum, weight_decay=weight_decay, dtype=muon_dtype)
+        return Optimizers(adamw, muon)
 
     def flops_per_token(self):
         """Training FLOPs per token: 6 per parameter (forward and backward matmuls) plus attention's
@@ -166,7 +241,10 @@ class GPT(nn.Module):
         """Shorten the context, e.g. to fine-tune a 1024-context model on 256-token windows."""
         assert block_size <= self.config.block_size
         self.config.block_size = block_size
-        self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
+        if self.config.pos == "learned":
+            self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
+        else:
+            self.rope_cos, self.rope_sin = self.rope_cos[:block_size], self.rope_sin[:block_size]
 
     def new_cache(self, batch_size, device, dtype):
         """Empty key/value buffers for every layer, long enough for a whole block."""
@@ -214,6 +292,83 @@ class GPT(nn.Module):
             if eot_token is not None and done.all():
                 break
         return idx
+
+
+def orthogonalize(G, steps=5):
+    """Roughly the orthogonal factor U V^T of G = U S V^T, for a batch of matrices G (N, m, n) with m <= n:
+    a quintic Newton-Schulz iteration whose coefficients make the small singular values grow fast
+    (Jordan et al. 2024). It leaves them between about 0.7 and 1.2 rather than exactly 1, which trains
+    as well. Works in G's dtype."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    X = G / (G.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # singular values into [0, 1]
+    for _ in range(steps):
+        A = X @ X.mT
+        X = a * X + (b * A + c * A @ A) @ X
+    return X
+
+
+class Muon(torch.optim.Optimizer):
+    """MomentUm Orthogonalized by Newton-Schulz (Jordan et al. 2024): SGD with Nesterov momentum whose
+    update, for each 2-D matrix, is replaced by the nearest orthogonal matrix, so every direction of the
+    update moves at the same rate. For hidden matrices only; embeddings, head and gains stay with AdamW.
+
+    A group's `stacked` says how many matrices each parameter stacks along its rows (3 for attention's
+    q, k, v); each is orthogonalised on its own. All matrices of one shape go through one batched
+    iteration: on a CPU, orthogonalising many small matrices one by one costs more in overhead than in
+    arithmetic. `dtype` is the iteration's: bf16 only where it is fast, as with dtype=auto."""
+
+    def __init__(self, params, lr=0.02, momentum=0.95, weight_decay=0.0, dtype=torch.float32):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, stacked=1))
+        self.dtype = dtype
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            same_shape = defaultdict(list)  # (rows, cols) with rows <= cols -> [(param, its updates, transposed)]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+                buf.lerp_(p.grad, 1 - group["momentum"])
+                update = p.grad.lerp(buf, group["momentum"])  # Nesterov: the gradient, then the momentum
+                update = update.view(group["stacked"], -1, p.size(1))  # (stacked, out, in)
+                transposed = update.size(1) > update.size(2)  # the iteration wants rows <= cols
+                same_shape[tuple(update.shape[1:][::-1] if transposed else update.shape[1:])].append(
+                    (p, update.mT if transposed else update, transposed))
+            for members in same_shape.values():
+                ortho = orthogonalize(torch.cat([u for _, u, _ in members]).to(self.dtype))
+                for (p, _, transposed), o in zip(members, ortho.split(group["stacked"]), strict=True):
+                    out_features = p.size(0) // group["stacked"]
+                    # a tall matrix's update gets larger, as in Jordan et al.'s reference implementation
+                    scale = math.sqrt(max(1.0, out_features / p.size(1)))
+                    p.mul_(1 - group["lr"] * group["weight_decay"])
+                    p.add_((o.mT if transposed else o).reshape(p.shape).to(p.dtype), alpha=-group["lr"] * scale)
+
+
+class Optimizers:
+    """Several optimizers stepped as one, so the training loop needs no loop over them."""
+
+    def __init__(self, *optimizers):
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self):
+        return [group for opt in self.optimizers for group in opt.param_groups]
+
+    def step(self):
+        for opt in self.optimizers:
+            opt.step()
+
+    def zero_grad(self, set_to_none=True):
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self):
+        return {"optimizers": [opt.state_dict() for opt in self.optimizers]}
+
+    def load_state_dict(self, state):
+        for opt, s in zip(self.optimizers, state["optimizers"], strict=True):
+            opt.load_state_dict(s)
 
 
 def sample_next(logits, temperature, top_k, top_p, generator=None):
@@ -275,8 +430,11 @@ def to_hf_gpt2(model, folder, eot_token=None):
     """Write model as a Hugging Face GPT-2 folder that GPT2LMHeadModel.from_pretrained loads."""
     from safetensors.torch import save_file
     c = model.config
-    if c.norm != "layernorm":
-        raise ValueError(f"GPT-2 has no {c.norm}; only layernorm models can be exported")
+    beyond = [f"{key}={getattr(c, key)}" for key, gpt2 in (("norm", "layernorm"), ("pos", "learned"), ("mlp", "gelu"),
+                                                          ("qk_norm", False)) if getattr(c, key) != gpt2]
+    if beyond:
+        raise ValueError(f"GPT-2 cannot hold a model with {', '.join(beyond)}; only layernorm, learned positions, "
+                         f"a gelu MLP and no qk_norm can be exported")
     state = {}
     for name, p in model.state_dict().items():
         if name == "lm_head.weight":

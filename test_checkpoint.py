@@ -91,10 +91,17 @@ def test_a_checkpoint_is_plain_data(work):
     assert isinstance(state["rng"]["ranks"][0]["numpy"][1], list)
 
 
+ADDED_SINCE = {"model_args": ("pos", "mlp", "qk_norm"),
+               "config": ("pos", "mlp", "qk_norm", "optimizer", "muon_lr", "muon_momentum", "lr_schedule",
+                          "decay_frac")}
+
+
 def write_old_format(state, path):
     """A checkpoint as train.py wrote it before checkpoints had a format number: numpy's RNG state as
-    np.random.get_state() returns it, an ndarray inside a tuple."""
+    np.random.get_state() returns it, an ndarray inside a tuple, and none of the keys added since."""
     old = {k: v for k, v in state.items() if k != "format"}
+    for part, keys in ADDED_SINCE.items():
+        old[part] = {k: v for k, v in state[part].items() if k not in keys}
     ranks = []
     for rng in state["rng"]["ranks"]:
         name, key, pos, has_gauss, gauss = rng["numpy"]

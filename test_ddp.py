@@ -138,7 +138,7 @@ def max_abs_diff(a, b):
 
 
 def weights(out_dir):
-    return torch.load(os.path.join(out_dir, "ckpt.pt"), map_location="cpu", weights_only=False)["model"]
+    return torch.load(os.path.join(out_dir, "ckpt.pt"), map_location="cpu", weights_only=True)["model"]
 
 
 @pytest.fixture(scope="module")
@@ -168,6 +168,18 @@ def test_two_processes_match_one_with_the_same_global_batch(runs):
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a), report
 
 
+def test_muon_two_processes_match_one(runs):
+    """Every rank orthogonalises the same averaged gradients, so Muon keeps DDP equal to one process."""
+    d, _ = runs
+    muon = [*TINY, *RUN8, "--optimizer=muon", "--pos=rope", "--mlp=swiglu"]
+    launch(([*muon, "--out_dir=muon_single"], "one"), ([*muon, "--out_dir=muon_ddp"], "ranks"), cwd=d)
+    single, ddp = losses(d / "muon_single" / "log.jsonl"), losses(d / "muon_ddp" / "log.jsonl")
+    assert sorted(single) == sorted(ddp) == list(range(1, 9))
+    assert [ddp[i] for i in sorted(ddp)] == pytest.approx([single[i] for i in sorted(single)], **TOL)
+    a, b = weights(d / "muon_single"), weights(d / "muon_ddp")
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
 def test_only_rank0_writes_and_ddp_resume_matches_single_process_resume(runs):
     d, files = runs
     assert files == ["best.pt", "ckpt.pt", "log.jsonl", "loss.png"]  # nothing per rank, no temporaries left
@@ -183,7 +195,7 @@ def test_only_rank0_writes_and_ddp_resume_matches_single_process_resume(runs):
     report = f"max |loss diff| at iterations 9..12: {max(abs(single[i] - ddp[i]) for i in later):.3e}"
     print(f"\nDDP resume: {report}")
     assert [ddp[i] for i in later] == pytest.approx([single[i] for i in later], **TOL), report
-    ckpt = torch.load(d / "ddp" / "ckpt.pt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(d / "ddp" / "ckpt.pt", map_location="cpu", weights_only=True)
     assert ckpt["iter_num"] == 12
     a, b = weights(d / "single"), ckpt["model"]
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)

@@ -53,7 +53,7 @@ def workdir(tmp_path_factory):
 
 
 def final_state(out_dir):
-    return torch.load(out_dir / "ckpt.pt", weights_only=False)
+    return torch.load(out_dir / "ckpt.pt", weights_only=True)
 
 
 def losses_by_iter(out_dir):
@@ -79,7 +79,7 @@ def test_sigkill_then_resume_is_bitwise_identical(workdir):
         finally:
             proc.kill()
         killed_at = last_iter(out / "log.jsonl")
-        resumed_from = torch.load(out / "ckpt.pt", weights_only=False)["iter_num"]
+        resumed_from = torch.load(out / "ckpt.pt", weights_only=True)["iter_num"]
         assert resumed_from < 40 and resumed_from % 10 == 0
         run("train.py", *TINY, f"--out_dir={out.name}", "--init_from=resume", cwd=workdir)
         got = losses_by_iter(out)
@@ -89,6 +89,22 @@ def test_sigkill_then_resume_is_bitwise_identical(workdir):
         model = final_state(out)["model"]
         assert all(torch.equal(model[k2], ref_model[k2]) for k2 in ref_model), f"kill at {killed_at}"
         print(f"SIGKILL at iteration {killed_at}, resumed from {resumed_from}: identical losses and weights")
+
+
+def test_resume_is_bitwise_with_muon_and_modern_blocks(workdir):
+    """Muon's momentum is in the checkpoint, and rope, swiglu, qk_norm and the wsd schedule change nothing
+    about resuming: 6 steps, then 6 more after a resume, equal 12 straight."""
+    modern = [*TINY, "--n_embd=32", "--block_size=32", "--optimizer=muon", "--pos=rope", "--mlp=swiglu",
+              "--qk_norm", "--norm=rmsnorm", "--lr_schedule=wsd", "--warmup_iters=2", "--lr_decay_iters=12",
+              "--max_iters=12"]
+    run("train.py", *modern, "--out_dir=modern", cwd=workdir)
+    run("train.py", *modern, "--max_iters=6", "--out_dir=modern_resumed", cwd=workdir)
+    run("train.py", "--out_dir=modern_resumed", "--init_from=resume", "--max_iters=12", cwd=workdir)
+    straight, resumed = losses_by_iter(workdir / "modern"), losses_by_iter(workdir / "modern_resumed")
+    assert straight == resumed and sorted(straight) == list(range(1, 13))
+    a, b = final_state(workdir / "modern"), final_state(workdir / "modern_resumed")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert len(a["optimizer"]["optimizers"][1]["state"]) > 0  # Muon's momentum buffers were saved
 
 
 @pytest.mark.slow
@@ -104,7 +120,7 @@ def test_signal_saves_and_exits_cleanly(workdir, sig):
         proc.kill()
     assert proc.returncode == 0, stderr
     assert f"{sig.name} received" in stdout and "--init_from=resume" in stdout
-    stopped = torch.load(out / "ckpt.pt", weights_only=False)["iter_num"]
+    stopped = torch.load(out / "ckpt.pt", weights_only=True)["iter_num"]
     assert stopped == last_iter(out / "log.jsonl")  # saved at the step it was on, nothing lost
     run("train.py", *TINY, f"--out_dir={out.name}", "--init_from=resume", cwd=workdir)
     ref_model = final_state(workdir / "reference")["model"]
@@ -137,7 +153,7 @@ def test_kill_inside_checkpoint_write_keeps_previous(workdir):
             proc.wait(30)
         finally:
             proc.kill()
-        torch.load(out / "ckpt.pt", weights_only=False)  # whole either way
+        torch.load(out / "ckpt.pt", weights_only=True)  # whole either way
         if os.stat(out / "ckpt.pt").st_ino == old:
             assert (out / "ckpt.pt").read_bytes() == before  # killed mid-write: the old file is untouched
             landed_mid_write = True
@@ -183,14 +199,14 @@ def test_full_disk_at_save_keeps_previous_checkpoint(workdir):
     assert p.returncode == 2 and "Traceback" not in p.stderr
     line, = p.stderr.strip().splitlines()
     assert "No space left on device" in line and "previous checkpoint is intact" in line
-    assert torch.load(out / "ckpt.pt", weights_only=False)["iter_num"] == 10
+    assert torch.load(out / "ckpt.pt", weights_only=True)["iter_num"] == 10
     assert not list(out.glob("*.tmp"))
 
 
 def test_best_val_loss_is_never_replaced_by_a_worse_one(workdir):
     log = read_log(workdir / "reference" / "log.jsonl")
     vals = [r["val_loss"] for r in log if "val_loss" in r]
-    best = torch.load(workdir / "reference" / "best.pt", weights_only=False)
-    latest = torch.load(workdir / "reference" / "ckpt.pt", weights_only=False)
+    best = torch.load(workdir / "reference" / "best.pt", weights_only=True)
+    latest = torch.load(workdir / "reference" / "ckpt.pt", weights_only=True)
     assert best["best_val_loss"] == latest["best_val_loss"] == min(vals)
     assert best["iter_num"] == 10 * (1 + vals.index(min(vals)))

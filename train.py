@@ -20,6 +20,7 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import fields
 from datetime import timedelta
 
 import numpy as np
@@ -31,7 +32,7 @@ import checkpoint as ckpt
 import tokenizer as tok
 from bench import measure_peak_flops
 from configurator import autocast, defaults_from, fail, overrides, resolve_device, resolve_dtype
-from model import GPT, GPTConfig, from_hf_gpt2
+from model import CHOICES, GPT, GPTConfig, from_hf_gpt2
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -61,15 +62,24 @@ n_embd = 384
 dropout = 0.0
 bias = False
 norm = "layernorm"  # 'layernorm' | 'rmsnorm'
-# AdamW
+pos = "learned"  # position information: 'learned' embeddings (GPT-2) | 'rope' (rotary)
+mlp = "gelu"  # 'gelu' (GPT-2) | 'swiglu' (gated, same parameter count) | 'relu2' (squared ReLU)
+qk_norm = False  # RMSNorm of each head's queries and keys
+# optimizer
+optimizer = "adamw"  # 'adamw' | 'muon': Muon for the blocks' matrices, AdamW at learning_rate for the rest
 learning_rate = 6e-4
 max_iters = 5000
 weight_decay = 0.1
 beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0  # 0 disables clipping
-# learning rate schedule: linear warmup, then cosine decay to min_lr
+muon_lr = 0.02  # Muon's learning rate, scheduled like learning_rate
+muon_momentum = 0.95
+# learning rate schedule: linear warmup, then 'cosine' decay to min_lr at lr_decay_iters, or 'wsd':
+# warmup, stable, then a linear decay to min_lr over the last decay_frac of lr_decay_iters
 decay_lr = True
+lr_schedule = "cosine"
+decay_frac = 0.2
 warmup_iters = 100
 lr_decay_iters = 5000
 min_lr = 6e-5
@@ -132,8 +142,11 @@ if decay_lr and lr_decay_iters <= warmup_iters:
     fail(f"lr_decay_iters ({lr_decay_iters}) must be larger than warmup_iters ({warmup_iters})")
 if n_embd % n_head:
     fail(f"n_embd ({n_embd}) must be divisible by n_head ({n_head})")
-if norm not in ("layernorm", "rmsnorm"):
-    fail(f"unknown norm {norm!r}; use layernorm or rmsnorm")
+for key, valid in (*CHOICES.items(), ("optimizer", ("adamw", "muon")), ("lr_schedule", ("cosine", "wsd"))):
+    if config[key] not in valid:
+        fail(f"unknown {key} {config[key]!r}; use {', '.join(valid[:-1])} or {valid[-1]}")
+if not 0 < decay_frac <= 1:
+    fail(f"decay_frac must be in (0, 1], got {decay_frac}")
 GPT2_SIZES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 if init_from not in ("scratch", "resume", *GPT2_SIZES) and not init_from.startswith("hf:") \
         and not init_from.endswith(".pt"):
@@ -238,8 +251,7 @@ def train_batches(generator):
 vocab_size = meta["vocab_size"]
 if vocab_size > 1024:
     vocab_size = (vocab_size + 63) // 64 * 64  # multiples of 64 make the head's matmul faster
-model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
-                  vocab_size=vocab_size, dropout=dropout, norm=norm)
+model_args = {f.name: config[f.name] for f in fields(GPTConfig) if f.name in config} | {"vocab_size": vocab_size}
 iter_num, best_val_loss = 0, float("inf")
 
 
@@ -314,7 +326,11 @@ else:
         config.update({k: v for k, v in model_args.items() if k in config})
 model.to(device)
 scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
-optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+# the config's name of the optimizer becomes the optimizer itself; Muon orthogonalises in bf16 only where
+# bf16 is fast, the rule dtype=auto follows
+muon_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type, optimizer,
+                                       muon_lr, muon_momentum, muon_dtype)
 # the sampler has its own generator, shared by all processes: batches must not shift when dropout
 # or evaluation draw numbers
 train_gen = torch.Generator().manual_seed(seed)
@@ -337,13 +353,18 @@ if ddp:
 
 
 def get_lr(it):
-    """Linear warmup to learning_rate, then cosine decay to min_lr at lr_decay_iters, then flat."""
+    """Linear warmup to learning_rate, then cosine (or warmup-stable-decay) down to min_lr at lr_decay_iters."""
     if not decay_lr:
         return learning_rate
     if it < warmup_iters:
         return learning_rate * (it + 1) / (warmup_iters + 1)
     if it >= lr_decay_iters:
         return min_lr
+    if lr_schedule == "wsd":
+        decay_start = lr_decay_iters - decay_frac * lr_decay_iters
+        if it < decay_start:
+            return learning_rate
+        return learning_rate + (it - decay_start) / (lr_decay_iters - decay_start) * (min_lr - learning_rate)
     progress = (it - warmup_iters) / (lr_decay_iters - warmup_iters)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
 
@@ -557,7 +578,7 @@ window_start, window_iters = time.time(), 0
 while iter_num < max_iters:
     lr = get_lr(iter_num)
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)  # Muon's groups run at muon_lr / learning_rate times lr
 
     batches = train_batches(train_gen)
     step_loss = 0.0
