@@ -94,10 +94,11 @@ seed = 1337
 # Resuming or evaluating a run takes its config from the checkpoint. The command line may change how
 # long it runs, its learning rate (lowered after a divergence, or a longer tail), clipping, evaluation,
 # logging, and the hardware it runs on; not the architecture, the data or the batch.
-MAY_CHANGE_ON_RESUME = {"init_from", "eval_only", "max_iters", "learning_rate", "decay_lr", "warmup_iters",
-                        "lr_decay_iters", "min_lr", "grad_clip", "eval_interval", "log_interval", "eval_iters",
-                        "always_save_checkpoint", "final_eval", "plot", "plot_log_scale", "wandb_log",
-                        "wandb_project", "wandb_run_name", "device", "dtype", "compile", "backend", "ddp_timeout"}
+MAY_CHANGE_ON_RESUME = {"init_from", "eval_only", "max_iters", "learning_rate", "muon_lr", "decay_lr", "lr_schedule",
+                        "decay_frac", "warmup_iters", "lr_decay_iters", "min_lr", "grad_clip", "eval_interval",
+                        "log_interval", "eval_iters", "always_save_checkpoint", "final_eval", "plot", "plot_log_scale",
+                        "wandb_log", "wandb_project", "wandb_run_name", "device", "dtype", "compile", "backend",
+                        "ddp_timeout"}
 defaults = defaults_from(globals())
 given = overrides(defaults, sys.argv[1:])
 config = {**defaults, **given}
