@@ -29,6 +29,21 @@ class GPTConfig:
     norm_eps: float = 1e-5  # added to the variance inside every norm, as GPT-2's layer_norm_epsilon
     mlp_hidden: int = 0  # width of the MLP's hidden layer; 0 is GPT-2's 4 * n_embd
 
+    def __post_init__(self):
+        """Refuse a config that would build a broken model, or none, with a message that names the field."""
+        for key in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be at least 1, got {getattr(self, key)}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.norm not in ("layernorm", "rmsnorm"):
+            raise ValueError(f"unknown norm {self.norm!r}; use layernorm or rmsnorm")
+        if self.norm_eps <= 0 or self.mlp_hidden < 0:
+            raise ValueError(f"norm_eps must be positive and mlp_hidden not negative, "
+                             f"got {self.norm_eps} and {self.mlp_hidden}")
+
 
 def make_norm(config):
     if config.norm == "rmsnorm":
@@ -95,8 +110,6 @@ class GPT(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        assert config.n_embd % config.n_head == 0, "n_embd must be divisible by n_head"
-        assert config.norm in ("layernorm", "rmsnorm"), "norm must be 'layernorm' or 'rmsnorm'"
         self.config = config
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),

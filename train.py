@@ -119,21 +119,18 @@ def stop_before_training(signum, frame):
 signal.signal(signal.SIGINT, stop_before_training)
 signal.signal(signal.SIGTERM, stop_before_training)
 
-# ranges that would only fail later, less clearly
-for key in ("batch_size", "block_size", "n_layer", "n_head", "n_embd", "max_iters",
-            "gradient_accumulation_steps", "eval_interval", "log_interval", "eval_iters"):
+# ranges that would only fail later, less clearly; model.py judges the model's own
+for key in ("batch_size", "max_iters", "gradient_accumulation_steps", "eval_interval", "log_interval", "eval_iters"):
     if config[key] < 1 and not (key == "max_iters" and config[key] == 0):
         fail(f"{key} must be at least 1, got {config[key]}")
+try:
+    GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, dropout=dropout, norm=norm)
+except ValueError as e:
+    fail(str(e))
 if learning_rate <= 0 or min_lr < 0:
     fail(f"learning_rate must be positive and min_lr not negative, got {learning_rate} and {min_lr}")
-if not 0 <= dropout < 1:
-    fail(f"dropout must be in [0, 1), got {dropout}")
 if decay_lr and lr_decay_iters <= warmup_iters:
     fail(f"lr_decay_iters ({lr_decay_iters}) must be larger than warmup_iters ({warmup_iters})")
-if n_embd % n_head:
-    fail(f"n_embd ({n_embd}) must be divisible by n_head ({n_head})")
-if norm not in ("layernorm", "rmsnorm"):
-    fail(f"unknown norm {norm!r}; use layernorm or rmsnorm")
 GPT2_SIZES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 if init_from not in ("scratch", "resume", *GPT2_SIZES) and not init_from.startswith("hf:") \
         and not init_from.endswith(".pt"):
