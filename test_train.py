@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import shutil
 
 import pytest
 import torch
@@ -90,6 +91,28 @@ def test_sample_from_checkpoint(workdir):
     p = run("sample.py", "--out_dir=ck", "--start=FILE:prompt.txt", "--num_samples=1", "--max_new_tokens=5",
             cwd=workdir)
     assert p.stdout.startswith("JULIET:\n")
+
+
+def test_sample_top_p_reaches_the_model(workdir):
+    # so small a top_p keeps only the most likely token: sampling at temperature 1 becomes greedy decoding
+    args = ["--out_dir=ck", "--start=ROMEO:", "--num_samples=1", "--max_new_tokens=30", "--top_k=0"]
+    nucleus = run("sample.py", *args, "--temperature=1.0", "--top_p=1e-6", cwd=workdir)
+    greedy = run("sample.py", *args, "--temperature=0", cwd=workdir)
+    assert nucleus.stdout == greedy.stdout
+
+
+def test_sample_without_out_dir_takes_the_newest_checkpoint(workdir):
+    runs = workdir / "checkpoint"
+    for name in ("a", "b"):
+        (runs / name).mkdir(parents=True)
+        shutil.copy(workdir / "ck" / "ckpt.pt", runs / name / "ckpt.pt")
+    shutil.copy(workdir / "ck" / "ckpt.pt", runs / "b" / "best.pt")
+    os.utime(runs / "b" / "best.pt", (3e9, 3e9))  # newest of all, but not a ckpt.pt
+    for newest, older in (("a", "b"), ("b", "a")):  # by time, never by name
+        os.utime(runs / older / "ckpt.pt", (1e9, 1e9))
+        os.utime(runs / newest / "ckpt.pt", (2e9, 2e9))
+        p = run("sample.py", "--start=A", "--num_samples=1", "--max_new_tokens=1", cwd=workdir)
+        assert f"sampling from {os.path.join('checkpoint', newest, 'ckpt.pt')}\n" in p.stderr, p.stderr
 
 
 def test_eval_only_writes_full_split_evaluation(workdir):
