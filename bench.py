@@ -87,18 +87,17 @@ def batches(cfg, train_data, vocab_size, device, n=8):
     return out
 
 
-def bench_training(cfg, train_data, vocab_size, device, dtype, compiled, peak):
+def bench_training(cfg, model_config, train_data, device, dtype, compiled, peak):
     torch.manual_seed(cfg["seed"])
     device_type = device.split(":")[0]
-    model_args = {f.name: cfg[f.name] for f in fields(GPTConfig) if f.name in cfg} | {"vocab_size": vocab_size}
-    model = GPT(GPTConfig(**model_args)).to(device)
+    model = GPT(model_config).to(device)
     optimizer = model.configure_optimizers(cfg["weight_decay"], cfg["learning_rate"], (cfg["beta1"], cfg["beta2"]),
                                            device_type, cfg["optimizer"], cfg["muon_lr"], cfg["muon_momentum"],
                                            torch.bfloat16 if dtype == "bfloat16" else torch.float32)
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
     mixed_precision = autocast(device, dtype)
     step_model = torch.compile(model) if compiled else model
-    data = batches(cfg, train_data, vocab_size, device)
+    data = batches(cfg, train_data, model_config.vocab_size, device)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -173,8 +172,6 @@ if __name__ == "__main__":
     cfg = configure({**script_defaults(train_script), **BENCH_DEFAULTS}, sys.argv[1:])
     device = resolve_device(cfg["device"])
     dtype = resolve_dtype(cfg["dtype"], device)
-    if cfg["n_embd"] % cfg["n_head"]:
-        fail(f"n_embd ({cfg['n_embd']}) must be divisible by n_head ({cfg['n_head']})")
     if cfg["iters"] < 1 or cfg["warmup"] < 0 or cfg["batch_size"] < 1 or cfg["block_size"] < 1 \
             or cfg["sample_tokens"] < 0:
         fail("iters, batch_size and block_size must be at least 1, and warmup and sample_tokens not negative")
@@ -199,6 +196,11 @@ if __name__ == "__main__":
                  f"lower --block_size")
         train_data = np.memmap(train_bin, dtype=meta["dtype"], mode="r")
         vocab_size = (vocab_size + 63) // 64 * 64 if vocab_size > 1024 else vocab_size
+    try:
+        model_config = GPTConfig(**{f.name: cfg[f.name] for f in fields(GPTConfig) if f.name in cfg},
+                                 vocab_size=vocab_size)
+    except ValueError as e:
+        fail(str(e))
     torch.backends.cuda.matmul.allow_tf32 = True
 
     runs = ([("float32", False)] if cfg["compare"] else []) + [(dtype, cfg["compile"])]
@@ -207,7 +209,7 @@ if __name__ == "__main__":
         print(f"measured peak on {device}: {p / 1e12:.3f} TFLOP/s ({d} matmul)")
     rows = []
     for run_dtype, compiled in runs:
-        model, row = bench_training(cfg, train_data, vocab_size, device, run_dtype, compiled, peaks[run_dtype])
+        model, row = bench_training(cfg, model_config, train_data, device, run_dtype, compiled, peaks[run_dtype])
         rows.append(row)
     name = " ".join(a for a in sys.argv[1:] if not a.startswith("--")) or "train.py defaults"
     print(f"\nconfig: {name} | {cfg['n_layer']}L {cfg['n_head']}H {cfg['n_embd']}d, context {cfg['block_size']}, "

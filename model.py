@@ -22,6 +22,8 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+CHOICES = {"norm": ("layernorm", "rmsnorm"), "pos": ("learned", "rope"), "mlp": ("gelu", "swiglu", "relu2")}
+
 
 @dataclass
 class GPTConfig:
@@ -33,18 +35,33 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = True  # biases in Linear layers and LayerNorms, as GPT-2 has
     norm: str = "layernorm"  # 'layernorm' | 'rmsnorm'
+    norm_eps: float = 1e-5  # added to the variance inside every norm, as GPT-2's layer_norm_epsilon
     pos: str = "learned"  # 'learned' | 'rope'
     mlp: str = "gelu"  # 'gelu' | 'swiglu' | 'relu2'
+    mlp_hidden: int = 0  # width of the MLP's hidden layer; 0 is GPT-2's 4 * n_embd (8/3 * n_embd for swiglu)
     qk_norm: bool = False
 
-
-CHOICES = {"norm": ("layernorm", "rmsnorm"), "pos": ("learned", "rope"), "mlp": ("gelu", "swiglu", "relu2")}
+    def __post_init__(self):
+        """Refuse a config that would build a broken model, or none, with a message that names the field."""
+        for key in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be at least 1, got {getattr(self, key)}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        for key, valid in CHOICES.items():
+            if getattr(self, key) not in valid:
+                raise ValueError(f"unknown {key} {getattr(self, key)!r}; use {', '.join(valid[:-1])} or {valid[-1]}")
+        if self.norm_eps <= 0 or self.mlp_hidden < 0:
+            raise ValueError(f"norm_eps must be positive and mlp_hidden not negative, "
+                             f"got {self.norm_eps} and {self.mlp_hidden}")
 
 
 def make_norm(config):
     if config.norm == "rmsnorm":
-        return nn.RMSNorm(config.n_embd, eps=1e-5)
-    return nn.LayerNorm(config.n_embd, bias=config.bias)
+        return nn.RMSNorm(config.n_embd, eps=config.norm_eps)
+    return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
 
 
 def rotary_tables(head_size, length, base=10000.0):
@@ -73,8 +90,8 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.dropout = config.dropout
         if config.qk_norm:  # bounds attention logits, which otherwise grow with the weights
-            self.q_norm = nn.RMSNorm(config.n_embd // config.n_head, eps=1e-5)
-            self.k_norm = nn.RMSNorm(config.n_embd // config.n_head, eps=1e-5)
+            self.q_norm = nn.RMSNorm(config.n_embd // config.n_head, eps=config.norm_eps)
+            self.k_norm = nn.RMSNorm(config.n_embd // config.n_head, eps=config.norm_eps)
 
     def forward(self, x, cache=None, pos=0, rope=None):
         B, T, C = x.shape
@@ -104,7 +121,7 @@ class MLP(nn.Module):
         super().__init__()
         self.kind = config.mlp
         # swiglu has three matrices, not two: a hidden width of 8/3 instead of 4 keeps the parameter count
-        hidden = 8 * config.n_embd // 3 if self.kind == "swiglu" else 4 * config.n_embd
+        hidden = config.mlp_hidden or (8 * config.n_embd // 3 if self.kind == "swiglu" else 4 * config.n_embd)
         # swiglu's gate and value come from one matmul, c_fc, as attention's q, k and v do from c_attn
         self.c_fc = nn.Linear(config.n_embd, (2 if self.kind == "swiglu" else 1) * hidden, bias=config.bias)
         self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
@@ -140,9 +157,6 @@ class GPT(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        assert config.n_embd % config.n_head == 0, "n_embd must be divisible by n_head"
-        for key, valid in CHOICES.items():
-            assert getattr(config, key) in valid, f"{key} must be one of {valid}"
         self.config = config
         learned = {"wpe": nn.Embedding(config.block_size, config.n_embd)} if config.pos == "learned" else {}
         self.transformer = nn.ModuleDict(dict(
@@ -394,15 +408,23 @@ def sample_next(logits, temperature, top_k, top_p, generator=None):
 # tanh-approximated GELU ("gelu_new") and learned positions; its matmul weights are stored as
 # Conv1D, shaped (in, out): the transpose of nn.Linear's.
 HF_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+# config.json settings under which GPT2LMHeadModel computes something this architecture does not, with
+# the value that matches it: another activation, attention scores not scaled by 1/sqrt(head size) or also
+# by 1/layer, cross-attention to an encoder, an output head of its own
+GPT2_AS_HERE = {"activation_function": "gelu_new", "scale_attn_weights": True,
+                "scale_attn_by_inverse_layer_idx": False, "add_cross_attention": False, "tie_word_embeddings": True}
 
 
 def from_hf_gpt2(folder, dropout=0.0):
     """A GPT from a Hugging Face GPT-2 folder: config.json plus model.safetensors or pytorch_model.bin."""
     with open(os.path.join(folder, "config.json")) as f:
         hf = json.load(f)
-    if hf.get("model_type") != "gpt2" or hf.get("activation_function", "gelu_new") != "gelu_new":
-        raise ValueError(f"{folder} holds a {hf.get('model_type')} model with {hf.get('activation_function')}; "
-                         f"only GPT-2 checkpoints (gelu_new) can be imported")
+    if hf.get("model_type") != "gpt2":
+        raise ValueError(f"{folder} holds a {hf.get('model_type')} model; only GPT-2 checkpoints can be imported")
+    other = [f"{k}={hf[k]}" for k, v in GPT2_AS_HERE.items() if hf.get(k, v) != v]
+    if other:
+        raise ValueError(f"{folder} is a GPT-2 with {', '.join(other)}, which this model does not compute; "
+                         f"only plain GPT-2 checkpoints can be imported")
     weights = os.path.join(folder, "model.safetensors")
     if os.path.exists(weights):
         from safetensors.torch import load_file
@@ -415,7 +437,8 @@ def from_hf_gpt2(folder, dropout=0.0):
                              f"refusing to load it (it may run code)") from None
     state = {k.removeprefix("transformer."): v for k, v in state.items()}
     config = GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
-                       n_head=hf["n_head"], n_embd=hf["n_embd"], dropout=dropout, bias=True, norm="layernorm")
+                       n_head=hf["n_head"], n_embd=hf["n_embd"], dropout=dropout, bias=True, norm="layernorm",
+                       norm_eps=hf.get("layer_norm_epsilon", 1e-5), mlp_hidden=hf.get("n_inner") or 0)
     model = GPT(config)
     with torch.no_grad():
         for name, p in model.state_dict().items():
@@ -447,7 +470,7 @@ def to_hf_gpt2(model, folder, eot_token=None):
                 state[name[:-len("weight")] + "bias"] = torch.zeros(out_features, dtype=p.dtype)
     hf = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": c.vocab_size,
           "n_positions": c.block_size, "n_embd": c.n_embd, "n_layer": c.n_layer, "n_head": c.n_head,
-          "n_inner": None, "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
+          "n_inner": c.mlp_hidden or None, "activation_function": "gelu_new", "layer_norm_epsilon": c.norm_eps,
           "resid_pdrop": c.dropout, "embd_pdrop": c.dropout, "attn_pdrop": c.dropout,
           "tie_word_embeddings": True, "bos_token_id": eot_token, "eos_token_id": eot_token}
     os.makedirs(folder, exist_ok=True)

@@ -49,6 +49,10 @@ def workdir(tmp_path_factory):
     (d / "unknown_key.py").write_text("batch_size = 4\nlearning_rat = 1e-3\n")
     (d / "bogus").mkdir()
     (d / "bogus" / "ckpt.pt").write_bytes(b"not a checkpoint")
+    ckpt = torch.load(d / "ck" / "ckpt.pt", map_location="cpu", weights_only=False)
+    ckpt["model_args"]["n_layer"] = -1  # edited by hand
+    (d / "negative_layers").mkdir()
+    torch.save(ckpt, d / "negative_layers" / "ckpt.pt")
     data = d / "data"
     shutil.copytree(data / "shakespeare_char", data / "truncated")
     with open(data / "truncated" / "train.bin", "r+b") as f:
@@ -136,6 +140,11 @@ CASES = [
     pytest.param("sample.py", ["--out_dir=ck", "--dtype=float8"], "unknown dtype 'float8'", id="sample-unknown-dtype"),
     pytest.param("sample.py", ["--out_dir=ck", "--device=cuda"], "use --device=cpu", id="sample-device-cuda-absent",
                  marks=no_cuda),
+    pytest.param("sample.py", ["--out_dir=ck", "--max_new_tokens=0"], "max_new_tokens >= 1",
+                 id="sample-no-new-tokens"),
+    pytest.param("sample.py", [], "no checkpoint found under checkpoint/", id="sample-no-checkpoint-anywhere"),
+    pytest.param("sample.py", ["--out_dir=negative_layers"], "n_layer must be at least 1, got -1",
+                 id="sample-checkpoint-with-negative-layers"),
     # bench.py
     pytest.param("bench.py", ["--iters=0"], "iters, batch_size and block_size must be at least 1", id="bench-iters-0"),
     pytest.param("bench.py", ["--dataset=nothing"], "--synthetic=True", id="bench-missing-dataset"),
@@ -144,6 +153,10 @@ CASES = [
     pytest.param("bench.py", ["--block_size=99999999"], "lower --block_size", id="bench-block-size-above-data"),
     pytest.param("bench.py", ["--n_embd=33", "--n_head=2"], "must be divisible by n_head", id="bench-n-embd-n-head"),
     pytest.param("bench.py", ["--dtype=float8"], "unknown dtype 'float8'", id="bench-unknown-dtype"),
+    pytest.param("bench.py", ["--n_layer=-1"], "n_layer must be at least 1, got -1", id="bench-negative-layers"),
+    pytest.param("bench.py", ["--n_head=0"], "n_head must be at least 1, got 0", id="bench-no-heads"),
+    pytest.param("bench.py", ["--dropout=1.5"], "dropout must be in [0, 1)", id="bench-dropout-out-of-range"),
+    pytest.param("bench.py", ["--norm=batchnorm"], "unknown norm 'batchnorm'", id="bench-unknown-norm"),
     # prepare.py
     pytest.param("prepare.py", ["--tokenizer=wordpiece"], "unknown tokenizer 'wordpiece'",
                  id="prepare-unknown-tokenizer"),

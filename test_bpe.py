@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import conftest
+import prepare
 import tokenizer as tok
 
 # a narrow made-up domain: words GPT-2 has never seen as units
@@ -22,11 +23,13 @@ def domain_text(n_docs, seed):
     return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 60))) + ".\n" for _ in range(n_docs)]
 
 
+CORPUS = domain_text(300, 0) + ["Unicode too: 世界 🎉 naïve café — ok\t\n", "x" * 50]
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("bpe") / "tokenizer.tiktoken")
-    mixed = domain_text(300, 0) + ["Unicode too: 世界 🎉 naïve café — ok\t\n", "x" * 50]
-    return tok.train_bpe(iter(mixed), 600, path), path
+    return tok.train_bpe(iter(CORPUS), 600, path), path
 
 
 @settings(max_examples=300, deadline=None)
@@ -55,8 +58,7 @@ def test_end_of_text_is_one_special_token_never_merged(trained):
 
 def test_training_is_deterministic(trained, tmp_path):
     _, path = trained
-    mixed = domain_text(300, 0) + ["Unicode too: 世界 🎉 naïve café — ok\t\n", "x" * 50]
-    tok.train_bpe(iter(mixed), 600, str(tmp_path / "again.tiktoken"))
+    tok.train_bpe(iter(CORPUS), 600, str(tmp_path / "again.tiktoken"))
     assert (tmp_path / "again.tiktoken").read_bytes() == Path(path).read_bytes()
 
 
@@ -66,6 +68,20 @@ def test_file_reloads_to_the_same_encoding(trained):
     text = "".join(domain_text(20, 1))
     assert again.encode(text) == t.encode(text) and again.vocab_size == t.vocab_size
     assert tok.from_meta(json.loads(json.dumps(t.meta)), os.path.dirname(path)).encode(text) == t.encode(text)
+
+
+def test_tiktoken_splits_held_out_text_as_the_trained_model_does(trained):
+    # the round trips above hold for any rank table with the 256 bytes; this one needs the merges, their
+    # order and the byte mapping all carried over. Every character here was merged whole in training, so
+    # each of the model's tokens covers whole characters and its offsets give the pieces
+    t, _ = trained
+    model = tok.train_tokenizers_bpe(iter(CORPUS), 600)
+    # new words spliced from the domain's split into pieces only in the order the merges were learned
+    spliced = " snarblax quenthoff drakkenvik glimmerlun prellovenka kwazzari ostrothe mivvelkwaz overglim"
+    held_out = "".join(domain_text(30, 3)) + spliced + "\nok: café naïve — 世界 🎉!\n\n\tzorblax's  snarvik  \n"
+    pieces = [held_out[a:b] for a, b in model.encode(held_out).offsets]
+    assert [t.decode([i]) for i in t.encode(held_out)] == pieces
+    assert len(pieces) < 0.5 * len(held_out.encode())  # merged, not byte by byte
 
 
 def test_compresses_in_domain_text_better_than_gpt2(trained):
@@ -94,7 +110,16 @@ def test_prepare_train_and_sample_with_a_trained_bpe(tmp_path):
     train = np.fromfile(data / "train.bin", dtype=np.uint16)
     assert train.max() < 2048 and (train == 2047).sum() == meta["train_documents"]
     t = tok.from_meta(meta, str(data))
-    assert t.decode(train[:300].tolist()).startswith(t.decode(t.encode(t.decode(train[:300].tolist()))))
+    # each bin holds its split's plays, in name order, each followed by end-of-text
+    plays = prepare.shakespeare_plays()
+    val_names = meta["source"]["val_documents"]
+    train_names = sorted(set(plays) - set(val_names))
+    for split, names in (("train", train_names), ("val", val_names)):
+        ids = np.fromfile(data / f"{split}.bin", dtype=np.uint16).tolist()
+        assert t.decode(ids) == "".join(plays[n] + tok.EOT for n in names), split
+    # and the BPE saw the training plays alone: trained on just those, it is the same file
+    tok.train_bpe((plays[n] for n in train_names), 2048, str(tmp_path / "train_only.tiktoken"))
+    assert (tmp_path / "train_only.tiktoken").read_bytes() == (data / "tokenizer.tiktoken").read_bytes()
 
     # reuse the trained file for another dataset folder: same tokens
     p = conftest.run("prepare.py", f"--tokenizer=bpe:{data / 'tokenizer.tiktoken'}", "--out=reuse",

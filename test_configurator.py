@@ -1,8 +1,10 @@
 """configurator.configure: what it accepts and how it refuses."""
 
 import pytest
+import torch
 
-from configurator import configure, resolve_device, resolve_dtype
+import configurator
+from configurator import configure, cpu_has_fast_bf16, resolve_device, resolve_dtype
 
 DEFAULTS = {
     "batch_size": 12,
@@ -183,10 +185,32 @@ def test_wrong_type_in_config_file(tmp_path, capsys):
 
 # --------------------------------------------------------------------------- devices and dtypes
 
-def test_resolve_dtype():
-    assert resolve_dtype("float32", "cpu") == "float32"
-    assert resolve_dtype("bfloat16", "cpu") == "bfloat16"
-    assert resolve_dtype("auto", "cpu") in ("float32", "bfloat16")
+# The hardware's answers are forced both ways (monkeypatch); the choice made from them is the code under test.
+
+@pytest.mark.parametrize("fast_bf16", [True, False])
+def test_auto_dtype_on_the_cpu_is_bf16_only_where_it_is_fast(monkeypatch, fast_bf16):
+    monkeypatch.setattr(configurator, "cpu_has_fast_bf16", lambda: fast_bf16)
+    assert resolve_dtype("auto", "cpu") == ("bfloat16" if fast_bf16 else "float32")
+    assert resolve_dtype("auto", "mps") == "float32"
+    assert resolve_dtype("float32", "cpu") == "float32" and resolve_dtype("bfloat16", "cpu") == "bfloat16"
+
+
+@pytest.mark.parametrize("bf16", [True, False])
+def test_auto_dtype_on_a_gpu_is_bf16_else_fp16(monkeypatch, bf16):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: bf16)
+    monkeypatch.setattr(configurator, "cpu_has_fast_bf16", lambda: not bf16)  # the GPU's answer decides
+    for device in ("cuda", "cuda:1"):
+        assert resolve_dtype("auto", device) == ("bfloat16" if bf16 else "float16")
+    assert resolve_dtype("float32", "cuda") == "float32"
+
+
+def test_fast_bf16_cpu_is_one_with_amx_or_avx512_bf16():
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next(line for line in f if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        pytest.skip("no /proc/cpuinfo flags here")
+    assert cpu_has_fast_bf16() == ("amx_tile" in flags or "avx512_bf16" in flags)
 
 
 def test_resolve_dtype_bogus_fails(capsys):
@@ -199,15 +223,19 @@ def test_resolve_dtype_bogus_fails(capsys):
 
 def test_resolve_device_cpu_and_unknown(capsys):
     assert resolve_device("cpu") == "cpu"
-    assert resolve_device("auto") in ("cpu", "cuda")
     with pytest.raises(SystemExit) as exc:
         resolve_device("tpu")
     assert exc.value.code == 2
     assert "tpu" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("cuda", [True, False])
+def test_auto_device_is_cuda_where_present(monkeypatch, cuda):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    assert resolve_device("auto") == ("cuda" if cuda else "cpu")
+
+
 def test_resolve_device_cuda_without_cuda_fails(capsys):
-    import torch
     if torch.cuda.is_available():
         pytest.skip("CUDA is available here")
     with pytest.raises(SystemExit) as exc:

@@ -23,7 +23,7 @@ sys.path.insert(0, REPO)
 
 import conftest  # noqa: E402
 from configurator import configure  # noqa: E402
-from model import GPT, GPTConfig, from_hf_gpt2, to_hf_gpt2  # noqa: E402
+from model import GPT, HF_TRANSPOSED, GPTConfig, from_hf_gpt2, to_hf_gpt2  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 
@@ -138,6 +138,32 @@ def test_import_hf_gpt2_same_logits(tmp_path, safe):
     assert diff <= TOL, f"imported GPT-2 logits differ from transformers' by {diff:.3g} (> {TOL})"
 
 
+def test_norm_epsilon_and_mlp_width_survive_import_and_export(tmp_path):
+    # eps 1e-2 dominates the variance of these small activations, and 48 hidden units are not 4 * 32
+    hf = random_hf_gpt2(tmp_path / "in", n_layer=2, n_head=4, n_embd=32, n_positions=32, vocab_size=101,
+                        layer_norm_epsilon=1e-2, n_inner=48)
+    model = from_hf_gpt2(str(tmp_path / "in")).eval()
+    idx = torch.randint(101, (2, 32), generator=torch.Generator().manual_seed(1))
+    diff = max_diff(*both_logits(model, hf, idx))
+    assert diff <= TOL, f"imported GPT-2 (eps 1e-2, n_inner 48) differs from transformers' by {diff:.3g}"
+    to_hf_gpt2(model, str(tmp_path / "out"))
+    again = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path / "out")).eval()
+    assert (again.config.layer_norm_epsilon, again.config.n_inner) == (1e-2, 48)
+    diff = max_diff(*both_logits(model, again, idx))
+    assert diff <= TOL, f"re-exported GPT-2 (eps 1e-2, n_inner 48) differs by {diff:.3g}"
+
+
+def test_import_refuses_gpt2_settings_it_would_compute_differently(tmp_path):
+    random_hf_gpt2(tmp_path, n_layer=1, n_head=2, n_embd=32, n_positions=32, vocab_size=101)
+    plain = json.loads((tmp_path / "config.json").read_text())
+    for key, value in (("activation_function", "relu"), ("scale_attn_weights", False),
+                       ("scale_attn_by_inverse_layer_idx", True), ("add_cross_attention", True),
+                       ("tie_word_embeddings", False)):
+        (tmp_path / "config.json").write_text(json.dumps({**plain, key: value}))
+        with pytest.raises(ValueError, match=f"{key}={value}"):
+            from_hf_gpt2(str(tmp_path))
+
+
 # -----------------------------------------------------------------------------
 # 2. this project -> Hugging Face
 
@@ -202,11 +228,15 @@ def test_finetune_from_hf_folder_crops_context(work, hf_folder):
     log = read_log(work / "ft_hf" / "log.jsonl")
     assert log[0]["iter"] == 1 and math.isfinite(log[0]["loss"]) and log[0]["loss"] < 12
 
-    # the weights are the folder's (3 tiny Adam steps away), not a fresh initialisation
+    # every weight is the folder's (3 tiny Adam steps away), not a fresh initialisation; the blocks too,
+    # since a model with only the folder's embeddings would give about the same loss as below
     hf = transformers.GPT2LMHeadModel.from_pretrained(str(hf_folder)).eval()
-    wte_diff = max_diff(ckpt["model"]["transformer.wte.weight"], hf.transformer.wte.weight.detach())
-    wpe_diff = max_diff(ckpt["model"]["transformer.wpe.weight"], hf.transformer.wpe.weight[:32].detach())
-    assert wte_diff < 1e-3 and wpe_diff < 1e-3, (wte_diff, wpe_diff)
+    theirs = hf.state_dict()
+    for name, ours in ckpt["model"].items():
+        expected = theirs[name].t() if name.endswith(HF_TRANSPOSED) else theirs[name]
+        if name == "transformer.wpe.weight":
+            expected = expected[:32]
+        assert max_diff(ours, expected) < 1e-3, name
 
     # and the first logged loss is the HF model's own loss on such data
     data = np.memmap(work / "data" / "shakespeare" / "train.bin", dtype=np.uint16, mode="r")

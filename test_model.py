@@ -60,8 +60,16 @@ def test_sdpa_equals_explicit_masked_softmax():
 def test_tied_embedding_shares_storage():
     model = tiny()
     assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
-    n_unique = sum(p.numel() for p in model.parameters())
-    assert n_unique == model.num_params(non_embedding=False)
+
+
+def test_parameter_count_follows_the_architecture():
+    model = tiny()
+    V, T, L, C = 61, 32, 2, 32
+    attention = C * 3 * C + 3 * C + C * C + C
+    mlp = C * 4 * C + 4 * C + 4 * C * C + C
+    total = V * C + T * C + L * (attention + mlp + 2 * 2 * C) + 2 * C  # the head is the token embedding
+    assert model.num_params(non_embedding=False) == total
+    assert model.num_params() == total - T * C  # positions do no matmul work
 
 
 def test_residual_projections_are_scaled():
@@ -134,6 +142,32 @@ def test_sampling_filters():
     draws = torch.cat([sample_next(logits, 1.0, 0, 0.8) for _ in range(200)])
     assert set(draws.flatten().tolist()) == {3, 4}
     assert sample_next(logits, 0, 0, 1.0).item() == 4
+
+
+def nucleus(logits, temperature, top_k, top_p):
+    """The tokens sampling may return, computed directly for one row: the top_k most likely, then of those
+    the most likely, in turn, until the ones taken hold top_p of their renormalised probability."""
+    probs = (logits / temperature).softmax(-1).tolist()
+    ranked = sorted(range(len(probs)), key=lambda i: -probs[i])[:top_k or None]
+    total = sum(probs[i] for i in ranked)
+    kept, mass = set(), 0.0
+    for i in ranked:
+        if mass >= top_p:
+            break
+        kept.add(i)
+        mass += probs[i] / total
+    return kept
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 0.7), (0.5, 0, 0.7), (2.0, 0, 0.9), (1.0, 6, 0.8),
+                                                     (1.5, 5, 0.6)])
+def test_top_p_keeps_the_nucleus_of_each_row(temperature, top_k, top_p):
+    rows, draws = torch.randn(4, 12, generator=torch.Generator().manual_seed(0)) * 2, 3000
+    samples = sample_next(rows.repeat_interleave(draws, 0), temperature, top_k, top_p,
+                          generator=torch.Generator().manual_seed(1)).view(4, draws)
+    for row, drawn in zip(rows, samples, strict=True):
+        kept = nucleus(row, temperature, top_k, top_p)
+        assert set(drawn.tolist()) == kept, (set(drawn.tolist()), kept)
 
 
 def test_overfits_one_batch():

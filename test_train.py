@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import shutil
 
 import pytest
 import torch
@@ -46,14 +47,30 @@ def test_training_writes_checkpoint_log_and_eval(workdir):
     assert evaluation["perplexity"] == pytest.approx(math.exp(evaluation["val_loss"]))
 
 
-def test_lr_schedule_warmup_peak_and_end(workdir):
+def cosine_schedule(it, lr=1e-3, min_lr=1e-4, warmup=5, decay=15):
+    """TINY's schedule written out: linear warmup, a half cosine from lr down to min_lr, then min_lr."""
+    if it < warmup:
+        return lr * (it + 1) / (warmup + 1)
+    if it >= decay:
+        return min_lr
+    return min_lr + (lr - min_lr) * (1 + math.cos(math.pi * (it - warmup) / (decay - warmup))) / 2
+
+
+def test_lr_schedule_warmup_cosine_and_floor(workdir):
     lr = {r["iter"]: r["lr"] for r in read_log(workdir / "ck" / "log.jsonl")}
     # the log line for iteration i+1 shows the rate used by step i
-    assert lr[1] == pytest.approx(1e-3 * 1 / 6)  # warmup: (it+1)/(warmup+1)
-    assert lr[5] == pytest.approx(1e-3 * 5 / 6)
+    assert lr[5] == pytest.approx(1e-3 * 5 / 6)  # the last warmup step
     assert lr[6] == pytest.approx(1e-3)  # peak at the end of warmup
-    assert lr[11] == pytest.approx(1e-4 + 0.5 * (1 + math.cos(math.pi * 0.5)) * 9e-4)  # half way down
-    assert lr[16] == pytest.approx(1e-4) and lr[20] == pytest.approx(1e-4)  # min_lr after lr_decay_iters
+    # a fifth of the way down the cosine keeps 0.905 of the range (a straight line 0.8); four fifths keep 0.095
+    assert lr[8] == pytest.approx(1e-4 + 9e-4 * 0.904508, abs=1e-9)
+    assert lr[14] == pytest.approx(1e-4 + 9e-4 * 0.095492, abs=1e-9)
+    assert lr[16] == pytest.approx(1e-4) and lr[20] == pytest.approx(1e-4)  # min_lr at lr_decay_iters and past it
+    assert [lr[i + 1] for i in range(20)] == pytest.approx([cosine_schedule(i) for i in range(20)], rel=1e-9)
+
+
+def test_lr_is_constant_without_decay(workdir):
+    run("train.py", *TINY, "--max_iters=3", "--decay_lr=False", "--final_eval=False", "--out_dir=flat", cwd=workdir)
+    assert [r["lr"] for r in read_log(workdir / "flat" / "log.jsonl")] == [1e-3] * 3  # no warmup either
 
 
 def test_resume_continues_from_the_checkpoint(workdir):
@@ -74,6 +91,28 @@ def test_sample_from_checkpoint(workdir):
     p = run("sample.py", "--out_dir=ck", "--start=FILE:prompt.txt", "--num_samples=1", "--max_new_tokens=5",
             cwd=workdir)
     assert p.stdout.startswith("JULIET:\n")
+
+
+def test_sample_top_p_reaches_the_model(workdir):
+    # so small a top_p keeps only the most likely token: sampling at temperature 1 becomes greedy decoding
+    args = ["--out_dir=ck", "--start=ROMEO:", "--num_samples=1", "--max_new_tokens=30", "--top_k=0"]
+    nucleus = run("sample.py", *args, "--temperature=1.0", "--top_p=1e-6", cwd=workdir)
+    greedy = run("sample.py", *args, "--temperature=0", cwd=workdir)
+    assert nucleus.stdout == greedy.stdout
+
+
+def test_sample_without_out_dir_takes_the_newest_checkpoint(workdir):
+    runs = workdir / "checkpoint"
+    for name in ("a", "b"):
+        (runs / name).mkdir(parents=True)
+        shutil.copy(workdir / "ck" / "ckpt.pt", runs / name / "ckpt.pt")
+    shutil.copy(workdir / "ck" / "ckpt.pt", runs / "b" / "best.pt")
+    os.utime(runs / "b" / "best.pt", (3e9, 3e9))  # newest of all, but not a ckpt.pt
+    for newest, older in (("a", "b"), ("b", "a")):  # by time, never by name
+        os.utime(runs / older / "ckpt.pt", (1e9, 1e9))
+        os.utime(runs / newest / "ckpt.pt", (2e9, 2e9))
+        p = run("sample.py", "--start=A", "--num_samples=1", "--max_new_tokens=1", cwd=workdir)
+        assert f"sampling from {os.path.join('checkpoint', newest, 'ckpt.pt')}\n" in p.stderr, p.stderr
 
 
 def test_eval_only_writes_full_split_evaluation(workdir):

@@ -129,9 +129,9 @@ def bpe(path, expected_sha256=None):
                                                     "tokenizer_sha256": digest})
 
 
-def train_bpe(texts, vocab_size, path):
-    """Train a byte-level BPE of vocab_size ids (end-of-text included) on a stream of texts and
-    write it to path in tiktoken's rank format: the 256 bytes, then each merge in the order learned."""
+def train_tokenizers_bpe(texts, vocab_size):
+    """The `tokenizers` library's byte-level BPE trained on a stream of texts, with vocab_size ids once
+    end-of-text is added. train_bpe converts it; the tests check that tiktoken then encodes as it does."""
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
     if vocab_size < 257:
         raise TokenizerError(f"vocab_size {vocab_size} is too small: a byte-level BPE needs 256 byte ids "
@@ -144,7 +144,13 @@ def train_bpe(texts, vocab_size, path):
     trainer = trainers.BpeTrainer(vocab_size=vocab_size - 1, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
     bpe_model.train_from_iterator(texts, trainer)
-    merges = json.loads(bpe_model.to_str())["model"]["merges"]
+    return bpe_model
+
+
+def train_bpe(texts, vocab_size, path):
+    """Train a byte-level BPE of vocab_size ids (end-of-text included) on a stream of texts and
+    write it to path in tiktoken's rank format: the 256 bytes, then each merge in the order learned."""
+    merges = json.loads(train_tokenizers_bpe(texts, vocab_size).to_str())["model"]["merges"]
     # ByteLevel shows byte b as a printable character; invert that to get the raw bytes back
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     hidden = sorted(set(range(256)) - set(printable))

@@ -32,7 +32,7 @@ import checkpoint as ckpt
 import tokenizer as tok
 from bench import measure_peak_flops
 from configurator import autocast, defaults_from, fail, overrides, resolve_device, resolve_dtype
-from model import CHOICES, GPT, GPTConfig, from_hf_gpt2
+from model import GPT, GPTConfig, from_hf_gpt2
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -130,22 +130,22 @@ def stop_before_training(signum, frame):
 signal.signal(signal.SIGINT, stop_before_training)
 signal.signal(signal.SIGTERM, stop_before_training)
 
-# ranges that would only fail later, less clearly
-for key in ("batch_size", "block_size", "n_layer", "n_head", "n_embd", "max_iters",
-            "gradient_accumulation_steps", "eval_interval", "log_interval", "eval_iters"):
+# ranges that would only fail later, less clearly; model.py judges the model's own
+for key in ("batch_size", "max_iters", "gradient_accumulation_steps", "eval_interval", "log_interval", "eval_iters"):
     if config[key] < 1 and not (key == "max_iters" and config[key] == 0):
         fail(f"{key} must be at least 1, got {config[key]}")
+model_args = {f.name: config[f.name] for f in fields(GPTConfig) if f.name in config}  # vocab_size: the data's
+try:
+    GPTConfig(**model_args)
+except ValueError as e:
+    fail(str(e))
 if learning_rate <= 0 or min_lr < 0:
     fail(f"learning_rate must be positive and min_lr not negative, got {learning_rate} and {min_lr}")
-if not 0 <= dropout < 1:
-    fail(f"dropout must be in [0, 1), got {dropout}")
 if decay_lr and lr_decay_iters <= warmup_iters:
     fail(f"lr_decay_iters ({lr_decay_iters}) must be larger than warmup_iters ({warmup_iters})")
-if n_embd % n_head:
-    fail(f"n_embd ({n_embd}) must be divisible by n_head ({n_head})")
-for key, valid in (*CHOICES.items(), ("optimizer", ("adamw", "muon")), ("lr_schedule", ("cosine", "wsd"))):
+for key, valid in (("optimizer", ("adamw", "muon")), ("lr_schedule", ("cosine", "wsd"))):
     if config[key] not in valid:
-        fail(f"unknown {key} {config[key]!r}; use {', '.join(valid[:-1])} or {valid[-1]}")
+        fail(f"unknown {key} {config[key]!r}; use {' or '.join(valid)}")
 if not 0 < decay_frac <= 1:
     fail(f"decay_frac must be in (0, 1], got {decay_frac}")
 GPT2_SIZES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
@@ -252,7 +252,7 @@ def train_batches(generator):
 vocab_size = meta["vocab_size"]
 if vocab_size > 1024:
     vocab_size = (vocab_size + 63) // 64 * 64  # multiples of 64 make the head's matmul faster
-model_args = {f.name: config[f.name] for f in fields(GPTConfig) if f.name in config} | {"vocab_size": vocab_size}
+model_args |= {"vocab_size": vocab_size}
 iter_num, best_val_loss = 0, float("inf")
 
 
