@@ -68,6 +68,22 @@ def test_lr_schedule_warmup_cosine_and_floor(workdir):
     assert [lr[i + 1] for i in range(20)] == pytest.approx([cosine_schedule(i) for i in range(20)], rel=1e-9)
 
 
+def test_warmup_stable_decay_schedule_drives_both_optimizers(workdir):
+    """wsd: warmup, flat, then a straight line to min_lr over the last decay_frac of lr_decay_iters;
+    Muon's matrices follow at muon_lr / learning_rate times the same rate."""
+    run("train.py", *TINY, "--max_iters=18", "--lr_schedule=wsd", "--decay_frac=0.4", "--optimizer=muon",
+        "--muon_lr=0.02", "--final_eval=False", "--out_dir=wsd", cwd=workdir)
+    lr = {r["iter"]: r["lr"] for r in read_log(workdir / "wsd" / "log.jsonl")}
+    decay_start = 15 - 0.4 * 15  # iteration 9
+    expected = [1e-3 * (i + 1) / 6 if i < 5 else 1e-3 if i < decay_start else
+                1e-3 + (i - decay_start) / (15 - decay_start) * (1e-4 - 1e-3) if i < 15 else 1e-4 for i in range(18)]
+    assert [lr[i + 1] for i in range(18)] == pytest.approx(expected, rel=1e-9)
+    assert lr[9] == pytest.approx(1e-3) and lr[13] == pytest.approx(5.5e-4)  # flat to step 8, then a straight line
+    groups = torch.load(workdir / "wsd" / "ckpt.pt", weights_only=True)["optimizer"]["optimizers"]
+    assert [g["lr"] for g in groups[0]["param_groups"]] == pytest.approx([1e-4, 1e-4])
+    assert [g["lr"] for g in groups[1]["param_groups"]] == pytest.approx([2e-3] * len(groups[1]["param_groups"]))
+
+
 def test_lr_is_constant_without_decay(workdir):
     run("train.py", *TINY, "--max_iters=3", "--decay_lr=False", "--final_eval=False", "--out_dir=flat", cwd=workdir)
     assert [r["lr"] for r in read_log(workdir / "flat" / "log.jsonl")] == [1e-3] * 3  # no warmup either
