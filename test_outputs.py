@@ -17,9 +17,9 @@ REPO = os.path.dirname(os.path.abspath(__file__))
 # a 5,000-token validation split keeps every full evaluation cheap
 TINY = ["--dataset=tiny", "--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4",
         "--log_interval=1", "--eval_iters=4", "--device=cpu", "--dtype=float32", "--plot=False"]
-# the warmup climbs towards a rate no model survives (0.02 more per step): the validation loss falls
+# the warmup climbs towards a rate no model survives (0.06 more per step): the validation loss falls
 # at first, then rises
-SPIKE = [*TINY, "--eval_interval=5", "--final_eval=False", "--learning_rate=10", "--warmup_iters=500",
+SPIKE = [*TINY, "--eval_interval=5", "--final_eval=False", "--learning_rate=30", "--warmup_iters=500",
          "--lr_decay_iters=2000"]
 EVALUATED = [*TINY, "--max_iters=10", "--eval_interval=10", "--warmup_iters=2", "--lr_decay_iters=10"]
 SAMPLE = ["--start=ROMEO:", "--num_samples=1", "--max_new_tokens=30", "--device=cpu", "--dtype=float32"]
