@@ -1,11 +1,11 @@
 # make demo: set up, prepare the embedded Shakespeare corpus, train on the CPU, sample.
-# make test: set up, run the test suite.
+# make test: set up, run the test suite; make test-compile: the compile=True test it leaves out.
 # make lint: ruff's checks (pyproject.toml); make format: apply the fixes it can make itself.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test lint format install clean
+.PHONY: demo test test-compile lint format install clean
 
 install: $(VENV)/installed
 
@@ -32,6 +32,10 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q
+
+# compile=True costs inductor's compilation, longer than the rest of the suite's budget
+test-compile: install
+	TEST_COMPILE=1 $(PY) -m pytest -q test_train.py -k compiled
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -272,3 +272,59 @@ def test_killed_worker_ends_the_whole_run(runs):
     finally:
         if proc.poll() is None or any(is_worker(pid) for pid in workers):
             kill_tree(proc, [pid for pid in workers if is_worker(pid)])
+
+
+def test_resume_with_fewer_processes_continues_the_same_run(runs):
+    """The 2-process checkpoint at 8, resumed in one process, goes on as one process running 12 straight:
+    the global batch, the sampler and the optimizer state do not depend on the process count."""
+    d, _ = runs
+    os.makedirs(d / "two_then_one")
+    shutil.copy(d / "ddp_ckpt8.pt", d / "two_then_one" / "ckpt.pt")
+    args = [*TINY, "--gradient_accumulation_steps=2", "--max_iters=12", "--eval_interval=4", "--final_eval=False"]
+    launch(([*args, "--out_dir=two_then_one", "--init_from=resume"], "one"), ([*args, "--out_dir=one_straight"], "one"),
+           cwd=d)
+    resumed, straight = losses(d / "two_then_one" / "log.jsonl"), losses(d / "one_straight" / "log.jsonl")
+    assert sorted(resumed) == [9, 10, 11, 12]
+    assert [resumed[i] for i in sorted(resumed)] == pytest.approx([straight[i] for i in sorted(resumed)], **TOL)
+    a, b = weights(d / "two_then_one"), weights(d / "one_straight")
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_sigint_to_one_rank_stops_every_rank_at_the_same_iteration(runs):
+    d, _ = runs
+    args = [*TINY, "--gradient_accumulation_steps=2", "--max_iters=100000", "--eval_interval=100000",
+            "--final_eval=False", "--ddp_timeout=30", "--out_dir=interrupted"]
+    log_path = d / "interrupted" / "log.jsonl"
+    procs = start(args, "ranks", d)
+    try:
+        deadline = time.time() + 120
+        while not (log_path.exists() and len(log_path.read_text().splitlines()) >= 3):
+            assert all(p.poll() is None for p, _ in procs) and time.time() < deadline, procs[0][1]()
+            time.sleep(0.05)
+        procs[1][0].send_signal(signal.SIGINT)  # rank 1 only, as a scheduler might deliver it
+        for p, output in procs:
+            p.wait(60)
+            assert p.returncode == 0, output()[-3000:]
+    finally:
+        for p, _ in procs:
+            p.kill()
+    stdout = procs[0][1]()
+    assert "a stop request received" in stdout and "--init_from=resume" in stdout
+    assert sorted(os.listdir(d / "interrupted")) == ["ckpt.pt", "log.jsonl"]  # one checkpoint, no temporaries
+    ckpt = torch.load(d / "interrupted" / "ckpt.pt", map_location="cpu", weights_only=False)
+    assert ckpt["iter_num"] == read_log(log_path)[-1]["iter"]
+    assert len(ckpt["rng"]["ranks"]) == 2  # both ranks took part in the save
+
+
+def test_dropout_with_two_processes_draws_the_same_data_with_other_masks(runs):
+    """What the README promises with dropout: the same global batches as one process, but each process
+    draws its own dropout masks, so the losses are close without being equal."""
+    d, _ = runs
+    drop = [*TINY, "--dropout=0.1", "--gradient_accumulation_steps=2", "--max_iters=4", "--eval_interval=4",
+            "--final_eval=False"]
+    launch(([*drop, "--out_dir=drop_one"], "one"), ([*drop, "--out_dir=drop_two"], "ranks"), cwd=d)
+    one, two = (torch.load(d / name / "ckpt.pt", map_location="cpu", weights_only=False)
+                for name in ("drop_one", "drop_two"))
+    assert torch.equal(one["rng"]["sampler"], two["rng"]["sampler"])  # the same batches drawn
+    a, b = losses(d / "drop_one" / "log.jsonl"), losses(d / "drop_two" / "log.jsonl")
+    assert a != b and [b[i] for i in sorted(b)] == pytest.approx([a[i] for i in sorted(a)], abs=0.05), (a, b)

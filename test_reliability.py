@@ -210,3 +210,27 @@ def test_best_val_loss_is_never_replaced_by_a_worse_one(workdir):
     latest = torch.load(workdir / "reference" / "ckpt.pt", weights_only=True)
     assert best["best_val_loss"] == latest["best_val_loss"] == min(vals)
     assert best["iter_num"] == 10 * (1 + vals.index(min(vals)))
+
+
+def test_float16_with_grad_scaler_trains_saves_and_resumes_exactly(workdir):
+    """dtype=float16, what dtype=auto picks on GPUs without bf16, runs on the CPU too: autocast in fp16
+    and a GradScaler whose state goes into the checkpoint. Stopped at 4 and resumed to 8, the run
+    equals an uninterrupted one, scaler included."""
+    fp16 = ["--dataset=shakespeare_char", "--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32",
+            "--batch_size=4", "--log_interval=1", "--eval_interval=4", "--eval_iters=2", "--warmup_iters=2",
+            "--lr_decay_iters=8", "--dropout=0.1", "--final_eval=False", "--device=cpu", "--plot=False"]
+    run("train.py", *fp16, "--dtype=float16", "--max_iters=8", "--out_dir=fp16_straight", cwd=workdir)
+    run("train.py", *fp16, "--dtype=float32", "--max_iters=8", "--out_dir=fp32_straight", cwd=workdir)
+    run("train.py", *fp16, "--dtype=float16", "--max_iters=4", "--out_dir=fp16_resumed", cwd=workdir)
+    assert torch.load(workdir / "fp16_resumed" / "ckpt.pt", weights_only=False)["scaler"]["_growth_tracker"] == 4
+    run("train.py", *fp16, "--dtype=float16", "--max_iters=8", "--out_dir=fp16_resumed", "--init_from=resume",
+        cwd=workdir)
+    straight, resumed = final_state(workdir / "fp16_straight"), final_state(workdir / "fp16_resumed")
+    # 8 unskipped steps at the initial scale; a step whose gradients overflow would be skipped and restart the count
+    assert straight["scaler"] == resumed["scaler"] and straight["scaler"]["_growth_tracker"] == 8
+    assert losses_by_iter(workdir / "fp16_resumed") == losses_by_iter(workdir / "fp16_straight")
+    assert all(torch.equal(resumed["model"][k], v) for k, v in straight["model"].items())
+    # half precision for real: close to the float32 run, not equal to it
+    fp16_loss = [v for [v] in losses_by_iter(workdir / "fp16_straight").values()]
+    fp32_loss = [v for [v] in losses_by_iter(workdir / "fp32_straight").values()]
+    assert fp16_loss != fp32_loss and fp16_loss == pytest.approx(fp32_loss, abs=1e-2)

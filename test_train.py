@@ -145,3 +145,26 @@ def test_bench_smoke(workdir):
     p = run("bench.py", *TINY, "--iters=2", "--warmup=1", "--sample=True", "--sample_tokens=40", cwd=workdir)
     assert "without KV cache" in p.stdout and "KV cache speed-up" in p.stdout
     assert "greedy output with cache equals recomputation" in p.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("TEST_COMPILE"), reason="inductor takes over a minute here; make test-compile")
+def test_compiled_training_matches_eager(workdir):
+    """compile=True in train.py and bench.py. Inductor's kernels sum in another order than eager's, so the
+    losses agree to a relative 1e-5, not bit for bit."""
+    args = [*TINY, "--max_iters=5", "--final_eval=False", "--dropout=0.0", "--dtype=float32"]
+    run("train.py", *args, "--out_dir=eager", cwd=workdir)
+    # a cache of its own: the kernels inductor writes there show that the model was compiled
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(workdir / "inductor"))
+    p = conftest.run("train.py", *args, "--compile=True", "--out_dir=compiled", cwd=workdir, env=env)
+    assert p.returncode == 0 and "cpu float32 compiled" in p.stdout, p.stderr
+    assert list((workdir / "inductor").rglob("*.py"))
+    eager, compiled = (read_log(workdir / name / "log.jsonl") for name in ("eager", "compiled"))
+    assert [r["loss"] for r in compiled] == pytest.approx([r["loss"] for r in eager], rel=1e-5)
+    a, b = (torch.load(workdir / name / "ckpt.pt", weights_only=False)["model"] for name in ("eager", "compiled"))
+    assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
+    p = conftest.run("bench.py", *TINY, "--compile=True", "--compare=True", "--iters=2", "--warmup=1",
+                     "--sample_tokens=0", cwd=workdir, env=env)
+    assert p.returncode == 0, p.stderr
+    rows = [line.split() for line in p.stdout.splitlines() if line.startswith("float32")]
+    assert [row[1] for row in rows] == ["False", "True"], p.stdout

@@ -12,6 +12,7 @@ Several GPUs on one node, or several nodes (run the same command on each):
 Everything a later run needs lands in out_dir: ckpt.pt (latest), best.pt (best
 validation loss), log.jsonl (metrics) and eval.json (the final full evaluation).
 """
+import io
 import json
 import math
 import netrc
@@ -480,16 +481,34 @@ def plot_losses():
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "loss.png.tmp"), format="png")
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
     plt.close(fig)
-    os.replace(os.path.join(out_dir, "loss.png.tmp"), os.path.join(out_dir, "loss.png"))
+    write_file("loss.png", png.getvalue(), "wb")
 
 
-def write_json(name, obj):
-    tmp = os.path.join(out_dir, name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, os.path.join(out_dir, name))
+def write_file(name, data, mode="w"):
+    """Write data to out_dir/name: mode "a" appends, the others replace the file atomically. A write
+    that fails (a full disk, a file size limit, out_dir gone) ends the run in one line and leaves the file
+    as it was, so a resumed run can go on appending to log.jsonl."""
+    path = os.path.join(out_dir, name)
+    target = path if mode == "a" else path + ".tmp"
+    size = os.path.getsize(path) if mode == "a" and os.path.exists(path) else 0
+    try:
+        with open(target, mode) as f:
+            f.write(data)
+        if target != path:
+            os.replace(target, path)
+    except OSError as e:
+        try:  # a partly written line or file would break the next reader
+            if target == path:
+                os.truncate(path, size)
+            elif os.path.exists(target):
+                os.remove(target)
+        except OSError:
+            pass
+        fail(f"could not write {path} ({e.strerror}); {ckpt_path} is intact. "
+             f"Free disk space or choose a writable --out_dir, then resume")
 
 
 def final_evaluation():
@@ -497,7 +516,7 @@ def final_evaluation():
     result = {"val_loss": val_loss, "perplexity": math.exp(val_loss), "tokens": n, "iter_num": iter_num,
               "dataset": dataset, "checkpoint": ckpt_path, "config": config}
     if master:
-        write_json("eval.json", result)
+        write_file("eval.json", json.dumps(result, indent=1))
     log(f"full validation split: loss {val_loss:.4f}, perplexity {math.exp(val_loss):.2f} over {n:,} tokens "
         f"-> {os.path.join(out_dir, 'eval.json')}")
 
@@ -629,8 +648,7 @@ while iter_num < max_iters:
         window_start, window_iters = time.time(), 0  # evaluation time is not training time
 
     if record is not None and master:
-        with open(os.path.join(out_dir, "log.jsonl"), "a") as f:
-            f.write(json.dumps(record) + "\n")
+        write_file("log.jsonl", json.dumps(record) + "\n", "a")
         if wandb_log:
             wandb.log(record, step=iter_num)
         if plot and "val_loss" in record:
