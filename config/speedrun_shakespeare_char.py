@@ -1,0 +1,32 @@
+# The shortest way to nanoGPT's CPU-recipe loss (1.893 on the whole validation split) on 2 CPU cores.
+# The same small model as nanoGPT's recipe (4 layers, 128 wide, context 64, batch 12), trained with Muon,
+# rotary positions, QK-norm and a squared-ReLU MLP, on a warmup-stable-decay schedule. Figures in the README.
+# The race is to the trained model, as nanoGPT's is; evaluate the whole validation split afterwards with
+#   python train.py --out_dir=checkpoint/speedrun_shakespeare_char --eval_only
+out_dir = "checkpoint/speedrun_shakespeare_char"
+dataset = "shakespeare_char"
+eval_interval = 320  # one quick estimate, at the end
+eval_iters = 20
+log_interval = 40
+plot = False
+final_eval = False
+
+batch_size = 12
+block_size = 64
+n_layer = 4
+n_head = 4
+n_embd = 128
+dropout = 0.0
+pos = "rope"
+qk_norm = True
+mlp = "relu2"
+
+optimizer = "muon"
+muon_lr = 0.02
+learning_rate = 2e-3  # AdamW's, for the embedding and the gains
+max_iters = 320
+lr_schedule = "wsd"
+decay_frac = 0.4
+warmup_iters = 30
+lr_decay_iters = 320
+min_lr = 0.0
