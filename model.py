@@ -260,9 +260,12 @@ class GPT(nn.Module):
 
     def flops_per_token(self):
         """Training FLOPs per token: 6 per parameter (forward and backward matmuls) plus attention's
-        query-key and attention-value products, as in the PaLM paper (Chowdhery et al. 2022, appendix B)."""
+        query-key and attention-value products, as in the PaLM paper (Chowdhery et al. 2022, appendix B).
+        A frozen parameter (a LoRA run's base) saves the 2 of the backward pass that form its own gradient."""
         c = self.config
-        return 6 * self.num_params() + 12 * c.n_layer * c.n_embd * c.block_size
+        frozen = sum(p.numel() for name, p in self.named_parameters()
+                     if not p.requires_grad and name != "transformer.wpe.weight")  # as num_params counts
+        return 6 * self.num_params() - 2 * frozen + 12 * c.n_layer * c.n_embd * c.block_size
 
     def estimate_mfu(self, tokens_per_s, peak_flops):
         """Model FLOPs utilisation: achieved training FLOP/s as a fraction of the peak given."""

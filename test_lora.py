@@ -73,6 +73,10 @@ def test_adapters_start_as_the_base_and_merge_into_it():
         trained = adapted(idx, idx)[0]
         assert (trained - base(idx, idx)[0]).abs().max() > 1e-2
         assert len(adapted.adapters()) == 2 * 4 * 2  # 2 blocks, 4 matmuls each, A and B beside each
+        # trained as train.py trains them, the frozen base's weights get no gradients: 4 FLOPs each, not 6
+        adapted.requires_grad_(False)
+        trained_params = sum(p.requires_grad_(True).numel() for p in adapted.adapters().values())
+        assert adapted.flops_per_token() == base.flops_per_token() - 2 * base.num_params() + 6 * trained_params
         merged = adapted.merge_lora()(idx, idx)[0]
     assert not adapted.adapters() and (merged - trained).abs().max() < 1e-5
 
