@@ -57,6 +57,7 @@ def work(tmp_path_factory):
     run("train.py", *TINY, "--max_iters=10", "--eval_interval=10", "--learning_rate=1e-2", "--decay_lr=False",
         "--out_dir=base", cwd=d)
     run("train.py", *LORA, "--max_iters=12", "--eval_interval=12", "--final_eval=True", "--out_dir=lora", cwd=d)
+    run("train.py", *LORA, *ALL_TARGETS, "--max_iters=6", "--eval_interval=3", "--out_dir=straight", cwd=d)
     return d
 
 
@@ -110,7 +111,6 @@ def test_checkpoint_holds_adapters_their_optimizer_and_the_base_identity(work, m
 
 
 def test_resume_is_bitwise(work):
-    run("train.py", *LORA, *ALL_TARGETS, "--max_iters=6", "--eval_interval=3", "--out_dir=straight", cwd=work)
     run("train.py", *LORA, *ALL_TARGETS, "--max_iters=3", "--eval_interval=3", "--out_dir=resumed", cwd=work)
     run("train.py", "--init_from=resume", "--max_iters=6", "--out_dir=resumed", cwd=work)
     assert losses(work / "straight") == losses(work / "resumed") and len(losses(work / "straight")) == 6
@@ -131,7 +131,8 @@ def test_eval_only_and_sample_load_base_plus_adapters(work, monkeypatch):
     os.makedirs("strong")
     ckpt.save(state, "strong/ckpt.pt")
     os.makedirs("whole")
-    whole = {k: v for k, v in state.items() if k != "lora"} | {"model": ckpt.model_from(state, "strong").state_dict()}
+    merged = ckpt.model_from(state, "strong", merge=False).merge_lora()  # not through the readers' path
+    whole = {k: v for k, v in state.items() if k != "lora"} | {"model": merged.state_dict()}
     ckpt.save(whole, "whole/ckpt.pt")
     args = ["--start=ROMEO:", "--num_samples=2", "--max_new_tokens=30", "--device=cpu", "--dtype=float32"]
     adapted, whole = (run("sample.py", f"--out_dir={d}", *args, cwd=work).stdout for d in ("strong", "whole"))
@@ -159,6 +160,13 @@ def test_export_merged_and_as_peft_adapter(work, monkeypatch):
             diff = (hf(idx).logits - logits).abs().max().item()
             print(f"{what}: max abs logit difference {diff:.3g}")
             assert diff <= TOL, f"{what}: logits differ from ours by {diff:.3g}"
+        # training drops the adapter path's input in both: the same random draws give the same logits
+        ours.train(), adapted.train()
+        torch.manual_seed(3)
+        ours_dropped = ours(idx, idx)[0]
+        torch.manual_seed(3)
+        diff = (adapted(idx).logits - ours_dropped).abs().max().item()
+        assert diff <= TOL and (ours_dropped - logits).abs().max() > 1e-3, diff
 
 
 def test_changed_base_is_refused(work):
