@@ -41,7 +41,9 @@ def sync(device):
 
 
 def measure_peak_flops(device, dtype):
-    """Best FLOP/s of a square matmul in dtype on device, the size doubled until one takes 50 ms.
+    """Best FLOP/s of a square matmul in dtype on device, the size doubled until one takes 10 ms: long
+    enough to be near the peak, and short, since every training run measures it (at 50 ms the search
+    took a second on a 2-core CPU).
 
     It is timed as F.linear (x @ W.T), the op every layer of the model runs: on CPUs without native bf16
     a plain bf16 a @ b takes another kernel that is some 15x slower, and would inflate MFU past 100%."""
@@ -60,7 +62,7 @@ def measure_peak_flops(device, dtype):
             sync(device)
             times.append(time.perf_counter() - t)
         best = max(best, 2 * n ** 3 / min(times))
-        if min(times) > 0.05 or n >= (8192 if device.startswith("cuda") else 4096):
+        if min(times) > 0.01 or n >= (8192 if device.startswith("cuda") else 4096):
             return best
         n *= 2
 
