@@ -11,11 +11,13 @@ transformers, the project's own) are imported fresh in each child, after its env
 import atexit
 import os
 import runpy
+import shutil
 import subprocess
 import sys
 import tempfile
 from multiprocessing import get_context
 
+import pytest
 import torch
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -105,3 +107,13 @@ def run(script, *args, cwd, env=None, timeout=300):
             proc.kill()
             proc.wait()
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+@pytest.fixture(scope="session")
+def shakespeare_char(tmp_path_factory):
+    """A function that puts the embedded corpus, prepared once at character level, into a folder's data/:
+    most test modules need that dataset without testing how it is made (test_data.py does that)."""
+    prepared = tmp_path_factory.mktemp("prepared")
+    p = run("prepare.py", "--tokenizer=char", "--num_proc=1", cwd=prepared)
+    assert p.returncode == 0, p.stderr
+    return lambda folder: shutil.copytree(prepared / "data" / "shakespeare_char", folder / "data" / "shakespeare_char")

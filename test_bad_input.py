@@ -38,13 +38,12 @@ def snapshot(d):
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
+def workdir(tmp_path_factory, shakespeare_char):
     d = tmp_path_factory.mktemp("bad_input")
-    for script, *args in (("prepare.py", "--tokenizer=char", "--num_proc=1"),
-                          ("train.py", *TINY, "--max_iters=2", "--eval_interval=2", "--eval_iters=1",
-                           "--final_eval=False", "--out_dir=ck")):
-        p = run(script, *args, cwd=d)
-        assert p.returncode == 0, p.stderr
+    shakespeare_char(d)
+    p = run("train.py", *TINY, "--max_iters=2", "--eval_interval=2", "--eval_iters=1", "--final_eval=False",
+            "--out_dir=ck", cwd=d)
+    assert p.returncode == 0, p.stderr
     (d / "raises.py").write_text("batch_size = 1 / 0\n")
     (d / "unknown_key.py").write_text("batch_size = 4\nlearning_rat = 1e-3\n")
     (d / "bogus").mkdir()

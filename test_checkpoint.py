@@ -52,9 +52,9 @@ def losses(path):
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory):
+def work(tmp_path_factory, shakespeare_char):
     d = tmp_path_factory.mktemp("checkpoints")
-    assert run("prepare.py", "--tokenizer=char", "--num_proc=1", cwd=d).returncode == 0
+    shakespeare_char(d)
     # a short validation split keeps full evaluations quick
     data = d / "data" / "shakespeare_char"
     meta = json.loads((data / "meta.json").read_text())

@@ -142,11 +142,10 @@ def weights(out_dir):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, shakespeare_char):
     """One prepared dataset; 8 iterations of the same global batch in one process (single/) and in two (ddp/)."""
     d = tmp_path_factory.mktemp("ddp")
-    p = conftest.run("prepare.py", "--tokenizer=char", "--num_proc=1", cwd=d, timeout=TIMEOUT)
-    assert p.returncode == 0, p.stderr
+    shakespeare_char(d)
     launch(([*TINY, *RUN8, "--out_dir=single"], "one"), ([*TINY, *RUN8, "--out_dir=ddp"], "torchrun"), cwd=d)
     # what the 8-iteration ddp run left, before any test adds to it
     files = sorted(os.listdir(d / "ddp"))

@@ -102,9 +102,9 @@ def both_logits(model, hf, idx):
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory):
+def work(tmp_path_factory, shakespeare_char):
     d = tmp_path_factory.mktemp("eco")
-    run("prepare.py", "--tokenizer=char", "--num_proc=1", cwd=d)
+    shakespeare_char(d)
     run("prepare.py", "--num_proc=1", cwd=d)
     # a learning rate high enough that 20 steps clearly beat a fresh model
     run("train.py", *CHAR, "--max_iters=20", "--eval_interval=10", "--log_interval=1", "--learning_rate=1e-2",

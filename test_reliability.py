@@ -45,9 +45,9 @@ def wait_for(condition, proc, timeout=120):
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
+def workdir(tmp_path_factory, shakespeare_char):
     d = tmp_path_factory.mktemp("reliability")
-    run("prepare.py", "--tokenizer=char", "--num_proc=1", cwd=d)
+    shakespeare_char(d)
     run("train.py", *TINY, "--out_dir=reference", cwd=d)
     return d
 

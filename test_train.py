@@ -26,9 +26,9 @@ def read_log(path):
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
+def workdir(tmp_path_factory, shakespeare_char):
     d = tmp_path_factory.mktemp("run")
-    run("prepare.py", "--tokenizer=char", "--num_proc=1", cwd=d)
+    shakespeare_char(d)
     run("train.py", *TINY, "--max_iters=20", "--out_dir=ck", cwd=d)
     return d
 
