@@ -170,7 +170,7 @@ def find(out_dir, name):
 
 
 def open_run(out_dir, name):
-    """(model, tokenizer, path) of a run's checkpoint, for sampling and export."""
+    """(model, tokenizer, path) of a run's checkpoint, ready to sample from."""
     path = find(out_dir, name)
     ckpt = load(path)
     return model_from(ckpt, path), tokenizer_from(ckpt), path

@@ -9,6 +9,7 @@ stdout, stderr and exit status (a script that raises prints its traceback and ex
 signal reports minus that signal). Modules that read the environment when imported (datasets, wandb,
 transformers, the project's own) are imported fresh in each child, after its environment is set."""
 import atexit
+import json
 import os
 import runpy
 import shutil
@@ -90,6 +91,12 @@ class Started:
             except FileNotFoundError:  # the child died before it got to its script
                 out.append("")
         return tuple(out)
+
+
+def read_log(path):
+    """The records of a run's log.jsonl."""
+    with open(path) as f:
+        return [json.loads(line) for line in f]
 
 
 def start(script, *args, cwd, env=None):

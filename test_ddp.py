@@ -22,6 +22,7 @@ import pytest
 import torch
 
 import conftest
+from conftest import read_log
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 TRAIN = os.path.join(REPO, "train.py")
@@ -122,11 +123,6 @@ def launch(*runs, cwd, timeout=TIMEOUT):
                 kill_tree(proc)
             else:
                 proc.kill()
-
-
-def read_log(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f]
 
 
 def losses(path):

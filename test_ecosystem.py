@@ -23,6 +23,7 @@ sys.path.insert(0, REPO)
 
 import conftest  # noqa: E402
 from configurator import configure  # noqa: E402
+from conftest import read_log  # noqa: E402
 from model import GPT, HF_TRANSPOSED, GPTConfig, from_hf_gpt2, to_hf_gpt2  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
@@ -57,11 +58,6 @@ def assert_refused(p, *words):
     for word in words:
         assert word in lines[0], f"{word!r} not in {lines[0]!r}"
     return lines[0]
-
-
-def read_log(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f]
 
 
 def perturb(model, seed=0, scale=0.05):

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import conftest
+from conftest import read_log
 from model import GPT, GPTConfig
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -29,11 +30,6 @@ def run(script, *args, cwd, check=True, env=None):
     p = conftest.run(script, *args, cwd=cwd, env=env)
     assert not check or p.returncode == 0, p.stderr
     return p
-
-
-def read_log(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f]
 
 
 def val_losses(out_dir):

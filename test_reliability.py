@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import conftest
+from conftest import read_log
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 TINY = ["--dataset=shakespeare_char", "--n_layer=2", "--n_head=2", "--n_embd=64", "--block_size=64",
@@ -22,11 +23,6 @@ def run(script, *args, cwd, check=True, env=None):
     p = conftest.run(script, *args, cwd=cwd, env=env)
     assert not check or p.returncode == 0, p.stderr
     return p
-
-
-def read_log(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f]
 
 
 def last_iter(path):

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import conftest
+from conftest import read_log
 
 TINY = ["--dataset=shakespeare_char", "--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32",
         "--batch_size=4", "--eval_interval=10", "--eval_iters=2", "--log_interval=1", "--warmup_iters=5",
@@ -18,11 +19,6 @@ def run(script, *args, cwd):
     p = conftest.run(script, *args, cwd=cwd)
     assert p.returncode == 0, p.stderr
     return p
-
-
-def read_log(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f]
 
 
 @pytest.fixture(scope="module")
