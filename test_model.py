@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from model import GPT, GPTConfig, sample_next
+from model import GPT, GPTConfig, Linear, sample_next
 
 
 def tiny(**kw):
@@ -98,6 +98,30 @@ def test_cached_logits_match_full_forward():
         step, _ = model(x[:, i:i + 1], cache=cache, pos=i)
         full, _ = model(x[:, :i + 1])
         assert torch.allclose(step, full, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8, 9])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_linear_of_a_few_rows_equals_nn_linear(rows, bias, threads):
+    """The blocked product for a generation step's few rows computes nn.Linear's function and gradients,
+    whatever the thread count (a weight whose rows do not split evenly into blocks takes the usual path)."""
+    torch.manual_seed(0)
+    layer = Linear(40, 96, bias=bias)
+    x = torch.randn(rows, 1, 40, requires_grad=True)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        y = layer(x)
+        y.square().sum().backward()
+    finally:
+        torch.set_num_threads(before)
+    expected_x = x.detach().requires_grad_()
+    expected = F.linear(expected_x, layer.weight.detach(), None if layer.bias is None else layer.bias.detach())
+    expected.square().sum().backward()
+    assert y.shape == (rows, 1, 96)
+    assert torch.allclose(y, expected, atol=1e-5)
+    assert torch.allclose(x.grad, expected_x.grad, atol=1e-4)
 
 
 def test_generation_with_bfloat16_weights_follows_float32():
