@@ -19,6 +19,17 @@ A checkpoint is one file written by torch.save, a dict of:
 Everything in it is a tensor or a plain Python value (dict, list, tuple, str, int, float, bool, None), so
 torch.load(weights_only=True) can read it. A file that asks for any other Python object is refused rather
 than unpickled: unpickling an object runs whatever code its author chose.
+
+A run sharded with FSDP saves NAME.dcp instead of NAME.pt: a symlink to the directory NAME.dcp.<iteration>,
+so that a kill while the next one is written leaves it whole. In the directory:
+  state.pt       the dict above without model and optimizer, written by rank 0
+  __<rank>_0.distcp, .metadata
+                 torch.distributed.checkpoint's (DCP) files: each process's shard of {"model", "optimizer"},
+                 in get_state_dict's names, and the index of the shards
+No process gathers the whole model to save it. DCP reshards as it reads, so any number of processes, or
+one, can read the directory back. DCP itself unpickles its index and any non-tensor value without limits;
+both are read here through loaders that admit only the index's own classes and plain data.
+A run keeps one checkpoint of each name: writing NAME.pt removes NAME.dcp, and the other way round.
 """
 import glob
 import hashlib
@@ -26,9 +37,12 @@ import os
 import pickle
 import random
 import re
+import shutil
+import warnings
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 import tokenizer as tok
 from model import GPT, GPTConfig, from_hf_gpt2
@@ -39,6 +53,15 @@ FORMAT = 2
 # wrote the first under its old module name.
 OLD_FORMAT_GLOBALS = [np.ndarray, np.dtype, np.dtypes.UInt32DType, np._core.multiarray._reconstruct,
                       (np._core.multiarray._reconstruct, "numpy.core.multiarray._reconstruct")]
+
+
+SUFFIXES = (".pt", ".dcp")  # a checkpoint file, or a sharded checkpoint's directory
+# What DCP's index (.metadata) is made of: its own dataclasses, sizes, dtypes and a layout's name
+DCP_INDEX_GLOBALS = {("torch.distributed.checkpoint.metadata", name) for name in (
+    "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata", "ChunkStorageMetadata",
+    "BytesStorageMetadata", "_MEM_FORMAT_ENCODING")} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+    ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath")}
 
 
 class CheckpointError(ValueError):
@@ -54,6 +77,7 @@ def save(state, path):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        remove(stem(path) + ".dcp")
     except OSError as e:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -61,14 +85,145 @@ def save(state, path):
                               f"Free disk space or choose a writable --out_dir, then resume") from None
 
 
+def save_sharded(state, model, optimizer, path):
+    """Write a sharded checkpoint, path being NAME.dcp. Every process calls this and writes its own shard
+    of the model and optimizer into a new directory, which the symlink at path then points to."""
+    import torch.distributed.checkpoint as dcp  # here, as it takes 0.45 s to import
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    folder, base = os.path.split(path)
+    current = os.readlink(path) if os.path.islink(path) else None
+    name = [None]
+    if dist.get_rank() == 0:
+        for left in glob.glob(os.path.join(folder, glob.escape(base) + ".[0-9]*")):  # by a killed write
+            if os.path.basename(left) != current:
+                shutil.rmtree(left, ignore_errors=True)
+        iteration = f"{base}.{state['iter_num']:07d}"
+        name = [iteration if iteration != current else iteration + "b"]  # saved twice at one iteration
+    dist.broadcast_object_list(name)
+    target = os.path.join(folder, name[0])
+    model_state, optimizer_state = get_state_dict(model, optimizers_of(optimizer))
+    try:
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=target)
+        if dist.get_rank() == 0:
+            with open(os.path.join(target, "state.pt"), "wb") as f:
+                torch.save({"format": FORMAT, **state}, f)
+                f.flush()
+                os.fsync(f.fileno())
+            if os.path.lexists(path + ".tmp"):
+                os.remove(path + ".tmp")
+            os.symlink(name[0], path + ".tmp")
+            os.replace(path + ".tmp", path)  # the one step that moves the checkpoint on
+            if current:
+                shutil.rmtree(os.path.join(folder, current), ignore_errors=True)
+            remove(stem(path) + ".pt")
+    except (Exception, dcp.api.CheckpointException) as e:  # DCP's gathers every process's, and is no Exception
+        raise CheckpointError(f"could not write {path} ({reason(e)}); the "
+                              f"previous checkpoint is intact. Free disk space or choose a writable --out_dir, "
+                              f"then resume") from None
+
+
+def stem(path):
+    """A checkpoint's path without its suffix: ckpt of ckpt.pt and of ckpt.dcp."""
+    for suffix in SUFFIXES:
+        path = path.removesuffix(suffix)
+    return path
+
+
+def existing(path):
+    """The checkpoint saved as path in either format (NAME.pt or NAME.dcp; the newer if a kill left both),
+    or path itself if there is neither."""
+    found = [stem(path) + suffix for suffix in SUFFIXES if os.path.exists(stem(path) + suffix)]
+    return max(found, key=os.path.getmtime) if found else path
+
+
+def remove(path):
+    """Delete a checkpoint: a file, or a sharded checkpoint's symlink and the directories it has pointed to."""
+    if path.endswith(".dcp"):
+        for folder in glob.glob(glob.escape(path) + ".[0-9]*"):
+            shutil.rmtree(folder, ignore_errors=True)
+    if os.path.lexists(path):
+        os.remove(path)
+
+
+def optimizers_of(optimizer):
+    """The torch optimizers inside model.Optimizers (Muon with AdamW), or the one given."""
+    return list(getattr(optimizer, "optimizers", [optimizer]))
+
+
+class IndexUnpickler(pickle.Unpickler):
+    """Unpickles DCP's index, refusing every global but the classes and values it is made of."""
+
+    def find_class(self, module, name):
+        if (module, name) in DCP_INDEX_GLOBALS or (module == "torch" and isinstance(getattr(torch, name, None),
+                                                                                    torch.dtype)):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"GLOBAL {module}.{name} is not allowed in a checkpoint's index")
+
+
+def read_index(path):
+    """DCP's index of the sharded checkpoint at path, unpickled by IndexUnpickler."""
+    from torch.distributed.checkpoint.metadata import Metadata
+    with open(os.path.join(path, ".metadata"), "rb") as f:
+        metadata = IndexUnpickler(f).load()
+    if not isinstance(metadata, Metadata):
+        raise pickle.UnpicklingError(f"its index holds a {type(metadata).__name__}, not DCP's Metadata")
+    return metadata
+
+
+def read_sharded(path, state_dict, no_dist=False):
+    """Fill state_dict's tensors (plain or sharded) from the sharded checkpoint at path."""
+    import torch.distributed.checkpoint as dcp
+
+    class IndexCheckingReader(dcp.FileSystemReader):
+        """DCP's reader, whose index is read by IndexUnpickler instead of pickle.load."""
+
+        def read_metadata(self, *args, **kwargs):
+            metadata = read_index(self.path)
+            metadata.storage_meta = metadata.storage_meta or dcp.metadata.StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    class DataOnlyPlanner(dcp.DefaultLoadPlanner):
+        """DCP's planner, reading non-tensor values only if torch.load(weights_only=True) accepts them."""
+
+        def load_bytes(self, read_item, value):
+            torch.load(value, weights_only=True)  # raises on anything but plain data
+            value.seek(0)
+            super().load_bytes(read_item, value)
+
+    try:
+        read_index(path)  # refused here, DCP would log a traceback and try other files
+        with warnings.catch_warnings():  # reading without collectives is meant, in one process or several
+            warnings.filterwarnings("ignore", "torch.distributed is disabled")
+            dcp.load(state_dict, storage_reader=IndexCheckingReader(path), planner=DataOnlyPlanner(), no_dist=no_dist)
+    except (Exception, dcp.api.CheckpointException) as e:
+        unsafe = re.search(r"GLOBAL (\S+)", str(e))
+        if unsafe:
+            raise CheckpointError(f"{path} contains Python objects that are not plain data ({unsafe[1]}); "
+                                  f"refusing to load it (it may run code)") from None
+        raise CheckpointError(f"{path} does not fit this model ({reason(e)})") from None
+
+
+def reason(e):
+    """An exception in one line: the first process's, when DCP gathered them."""
+    if hasattr(e, "failures"):
+        e = next(iter(e.failures.values()))[0]
+    return f"{type(e).__name__}: " + next((line.strip() for line in str(e).splitlines() if line.strip()), "")[:300]
+
+
 def load(path):
     """A checkpoint's contents, read as data only, or a CheckpointError saying why not."""
     if not os.path.exists(path):
         raise CheckpointError(f"no checkpoint at {path}; train one first or point --out_dir (or --init_from) "
                               f"at a run")
+    sharded = os.path.isdir(path)
+    if sharded and not os.path.exists(os.path.join(path, ".metadata")):
+        raise CheckpointError(f"{path} is not a whole sharded checkpoint (it has no .metadata); point "
+                              f"--init_from at the NAME.dcp link that a run writes")
     try:
         with torch.serialization.safe_globals(OLD_FORMAT_GLOBALS):
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            ckpt = torch.load(os.path.join(path, "state.pt") if sharded else path, map_location="cpu",
+                              weights_only=True)
     except Exception as e:
         unsafe = re.search(r"GLOBAL (\S+)", str(e)) if isinstance(e, pickle.UnpicklingError) else None
         if unsafe:
@@ -77,9 +232,12 @@ def load(path):
         reason = "damaged, or not written by torch.save" if isinstance(e, pickle.UnpicklingError) else \
             f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         raise CheckpointError(f"{path} is not a checkpoint of this project ({reason})") from None
-    if not isinstance(ckpt, dict) or not {"model_args", "model", "config", "meta"} <= ckpt.keys():
+    if not isinstance(ckpt, dict) or not {"model_args", "config", "meta"} <= ckpt.keys() or \
+            not (sharded or "model" in ckpt):
         raise CheckpointError(f"{path} is not a checkpoint of this project (it lacks model_args, model, "
                               f"config or meta)")
+    if sharded:
+        ckpt["sharded"] = path  # model and optimizer stay on disk until read_sharded
     return ckpt
 
 
@@ -90,11 +248,37 @@ def model_from(ckpt, path, merge=True, **overrides):
         return adapted_base(ckpt, path, merge, overrides.get("dropout", ckpt["model_args"]["dropout"]))
     try:
         model = GPT(GPTConfig(**{**ckpt["model_args"], **overrides}))
-        model.load_state_dict(ckpt["model"])
+        if "sharded" in ckpt:  # each process reads every shard
+            read_sharded(ckpt["sharded"], {"model": model.state_dict()}, no_dist=True)
+        else:
+            model.load_state_dict(ckpt["model"])
+    except CheckpointError:
+        raise
     except Exception as e:
         raise CheckpointError(f"{path} is not a checkpoint this model can load "
                               f"({type(e).__name__}: {str(e).splitlines()[0]})") from None
     return model
+
+
+def restore_optimizer(ckpt, model, optimizer):
+    """Put a checkpoint's optimizer state into the optimizer of model, either of them sharded or not."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+    from torch.distributed.tensor import DTensor, distribute_tensor
+    optimizers = optimizers_of(optimizer)
+    if "sharded" in ckpt:  # DCP reads each process's part, whatever the number of processes that wrote it
+        state = get_optimizer_state_dict(model, optimizers)
+        read_sharded(ckpt["sharded"], {"optimizer": state})
+        set_optimizer_state_dict(model, optimizers, state)
+        return
+    state = ckpt["optimizer"]
+    for opt, opt_state in zip(optimizers, state.get("optimizers", [state]), strict=True):
+        params = [p for group in opt.param_groups for p in group["params"]]  # the order state_dict numbers them
+        for i, values in opt_state["state"].items():
+            p = params[i]
+            if isinstance(p, DTensor):  # a whole tensor from an unsharded run: keep this process's rows
+                values.update({k: distribute_tensor(v, p.device_mesh, p.placements, src_data_rank=None)
+                               for k, v in values.items() if torch.is_tensor(v) and v.shape == p.shape})
+    optimizer.load_state_dict(state)
 
 
 def adapted_base(ckpt, path, merge, dropout):
@@ -118,7 +302,7 @@ def adapted_base(ckpt, path, merge, dropout):
 
 def base_model(source, dropout=0.0):
     """The model init_from names: a checkpoint file (merged, if it is a LoRA run), hf:FOLDER or a GPT-2 size."""
-    if source.endswith(".pt"):
+    if source.endswith(SUFFIXES):
         return model_from(load(source), source, dropout=dropout)
     return hf_gpt2(source, dropout)
 
@@ -160,10 +344,12 @@ def tokenizer_from(ckpt):
 
 
 def find(out_dir, name):
-    """out_dir/name, or with no out_dir the most recently written checkpoint of that name under checkpoint/."""
+    """out_dir/name, or with no out_dir the most recently written checkpoint of that name under checkpoint/
+    (ckpt.pt also finds a sharded run's ckpt.dcp)."""
     if out_dir:
-        return os.path.join(out_dir, name)
-    found = sorted(glob.glob(os.path.join("checkpoint", "*", name)), key=os.path.getmtime)
+        return existing(os.path.join(out_dir, name))
+    found = [path for suffix in SUFFIXES for path in glob.glob(os.path.join("checkpoint", "*", stem(name) + suffix))]
+    found.sort(key=os.path.getmtime)
     if not found:
         raise CheckpointError("no checkpoint found under checkpoint/; train one (e.g. make demo) or pass --out_dir")
     return found[-1]

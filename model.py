@@ -11,6 +11,7 @@ each later choice is one GPTConfig field:
   qk_norm  RMSNorm of each head's queries and keys (Dehghani et al. 2023)
 Training uses AdamW, or Muon for the hidden matrices (Jordan et al. 2024) with AdamW for the rest.
 Fine-tuning may instead train LoRA adapters (Hu et al. 2021) beside chosen matmuls of a frozen model.
+Under torchrun the model may be sharded across processes with FSDP2 (Zhao et al. 2023): GPT.shard.
 """
 import json
 import math
@@ -291,6 +292,19 @@ class GPT(nn.Module):
         muon = Muon(muon_groups, lr=muon_lr, momentum=muon_momentum, weight_decay=weight_decay, dtype=muon_dtype)
         return Optimizers(adamw, muon)
 
+    def shard(self, mesh, param_dtype=None):
+        """Split weights, gradients and optimizer state across the processes of mesh (FSDP2): each block is
+        a unit whose whole weights are gathered just before its forward and its backward and freed after,
+        and the embedding, final norm and head form the last unit. Each process then holds 1/N of the
+        parameters and of what the optimizer keeps. With param_dtype (bf16), the gathered weights are in
+        that dtype and gradients are averaged across processes in fp32."""
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # imported here: it takes 0.4 s
+        policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
+        for block in self.transformer.h:
+            fully_shard(block, mesh=mesh, mp_policy=policy)
+        fully_shard(self, mesh=mesh, mp_policy=policy)
+        return self
+
     def flops_per_token(self):
         """Training FLOPs per token: 6 per parameter (forward and backward matmuls) plus attention's
         query-key and attention-value products, as in the PaLM paper (Chowdhery et al. 2022, appendix B).
@@ -411,14 +425,19 @@ class Muon(torch.optim.Optimizer):
     A group's `stacked` says how many matrices each parameter stacks along its rows (3 for attention's
     q, k, v); each is orthogonalised on its own. All matrices of one shape go through one batched
     iteration: on a CPU, orthogonalising many small matrices one by one costs more in overhead than in
-    arithmetic. `dtype` is the iteration's: bf16 only where it is fast, as with dtype=auto."""
+    arithmetic. `dtype` is the iteration's: bf16 only where it is fast, as with dtype=auto.
+
+    Under FSDP a process holds only some rows of each matrix, and its momentum for them; orthogonalising
+    needs the whole update, so every process gathers it, orthogonalises it as one process would, and
+    applies its own rows."""
 
     def __init__(self, params, lr=0.02, momentum=0.95, weight_decay=0.0, dtype=torch.float32):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, stacked=1))
         self.dtype = dtype
 
     @torch.no_grad()
-    def step(self):
+    def step(self, closure=None):  # closure: torch.distributed.checkpoint calls step(closure=None)
+        from torch.distributed.tensor import DTensor, distribute_tensor  # FSDP's sharded tensors
         for group in self.param_groups:
             same_shape = defaultdict(list)  # (rows, cols) with rows <= cols -> [(param, its updates, transposed)]
             for p in group["params"]:
@@ -427,6 +446,8 @@ class Muon(torch.optim.Optimizer):
                 buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
                 buf.lerp_(p.grad, 1 - group["momentum"])
                 update = p.grad.lerp(buf, group["momentum"])  # Nesterov: the gradient, then the momentum
+                if isinstance(update, DTensor):
+                    update = update.full_tensor()
                 update = update.view(group["stacked"], -1, p.size(1))  # (stacked, out, in)
                 transposed = update.size(1) > update.size(2)  # the iteration wants rows <= cols
                 same_shape[tuple(update.shape[1:][::-1] if transposed else update.shape[1:])].append(
@@ -437,8 +458,11 @@ class Muon(torch.optim.Optimizer):
                     out_features = p.size(0) // group["stacked"]
                     # a tall matrix's update gets larger, as in Jordan et al.'s reference implementation
                     scale = math.sqrt(max(1.0, out_features / p.size(1)))
+                    o = (o.mT if transposed else o).reshape(p.shape).to(p.dtype)
+                    if isinstance(p, DTensor):  # every process computed the same o: keep its own rows
+                        o = distribute_tensor(o, p.device_mesh, p.placements, src_data_rank=None)
                     p.mul_(1 - group["lr"] * group["weight_decay"])
-                    p.add_((o.mT if transposed else o).reshape(p.shape).to(p.dtype), alpha=-group["lr"] * scale)
+                    p.add_(o, alpha=-group["lr"] * scale)
 
 
 class Optimizers:

@@ -11,6 +11,8 @@ import pytest
 import torch
 
 import conftest
+from model import GPT, GPTConfig
+from test_checkpoint import write_sharded
 
 ENV = dict(os.environ, HF_HUB_OFFLINE="1")
 TINY = ["--dataset=shakespeare_char", "--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32",
@@ -52,6 +54,11 @@ def workdir(tmp_path_factory, shakespeare_char):
     ckpt["model_args"]["n_layer"] = -1  # edited by hand
     (d / "negative_layers").mkdir()
     torch.save(ckpt, d / "negative_layers" / "ckpt.pt")
+    # a sharded checkpoint whose shards hold a wider model than its state.pt describes
+    state = torch.load(d / "ck" / "ckpt.pt", map_location="cpu", weights_only=True)
+    (d / "wider_shards").mkdir()
+    write_sharded({**state, "model": GPT(GPTConfig(**{**state["model_args"], "n_embd": 64})).state_dict()},
+                  d / "wider_shards")
     data = d / "data"
     shutil.copytree(data / "shakespeare_char", data / "truncated")
     with open(data / "truncated" / "train.bin", "r+b") as f:
@@ -123,6 +130,13 @@ CASES = [
     pytest.param("train.py", ["--decay_frac=0"], "decay_frac must be in (0, 1]", id="train-decay-frac-0"),
     pytest.param("train.py", ["--dropout=1.5"], "dropout must be in [0, 1)", id="train-dropout-out-of-range"),
     pytest.param("train.py", ["--init_from=gpt7"], "use scratch, resume", id="train-unknown-init-from"),
+    pytest.param("train.py", ["--parallel=fsdp"], "needs several: start train.py with torchrun",
+                 id="train-fsdp-without-torchrun"),
+    pytest.param("train.py", ["--parallel=zero3"], "unknown parallel 'zero3'; use ddp or fsdp",
+                 id="train-unknown-parallel"),
+    pytest.param("train.py", ["--out_dir=wider_shards", "--init_from=resume"],
+                 "wider_shards/ckpt.dcp does not fit this model (ValueError: Size mismatch",
+                 id="train-resume-sharded-other-shape"),
     pytest.param("train.py", ["--gradient_accumulation_steps=0"], "gradient_accumulation_steps must be at least 1",
                  id="train-grad-accum-0"),
     pytest.param("train.py", ["--lora_rank=8"], "lora_rank needs a trained model to adapt",
@@ -152,6 +166,8 @@ CASES = [
     pytest.param("sample.py", ["--out_dir=ck", "--max_new_tokens=0"], "max_new_tokens >= 1",
                  id="sample-no-new-tokens"),
     pytest.param("sample.py", [], "no checkpoint found under checkpoint/", id="sample-no-checkpoint-anywhere"),
+    pytest.param("sample.py", ["--out_dir=wider_shards"], "wider_shards/ckpt.dcp does not fit this model",
+                 id="sample-sharded-other-shape"),
     pytest.param("sample.py", ["--out_dir=negative_layers"], "n_layer must be at least 1, got -1",
                  id="sample-checkpoint-with-negative-layers"),
     # bench.py

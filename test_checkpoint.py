@@ -6,7 +6,9 @@ pickles whose unpickling would create a marker file."""
 import hashlib
 import json
 import os
+import pickle
 import shutil
+import warnings
 
 import numpy as np
 import pytest
@@ -195,3 +197,48 @@ def test_hugging_face_pickle_is_read_as_weights_only(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="not plain data"):
         from_hf_gpt2(str(tmp_path))
     assert not (tmp_path / MARKER).exists()
+
+
+def write_sharded(state, folder, optimizer=None):
+    """state (a ckpt.pt's contents) as a sharded checkpoint: the DCP files written by one process, here,
+    state.pt beside them, and the link that names the directory."""
+    import torch.distributed.checkpoint as dcp
+    target = folder / f"ckpt.dcp.{state['iter_num']:07d}"
+    with warnings.catch_warnings():  # that one process saves is meant
+        warnings.simplefilter("ignore")
+        dcp.save({"model": state["model"], "optimizer": optimizer or {}}, checkpoint_id=target, no_dist=True)
+    torch.save({k: v for k, v in state.items() if k not in ("model", "optimizer")}, target / "state.pt")
+    os.symlink(target.name, folder / "ckpt.dcp")
+
+
+def test_sharded_checkpoint_reads_as_its_file_does(work):
+    write_sharded(torch.load(work / "run" / "ckpt.pt", weights_only=True), work / "sharded")
+    samples = [run("sample.py", f"--out_dir={d}", "--max_new_tokens=40", "--num_samples=1", cwd=work)
+               for d in ("run", "sharded")]
+    assert all(p.returncode == 0 for p in samples), samples[1].stderr
+    assert samples[0].stdout == samples[1].stdout and samples[0].stdout.strip("-\n")
+
+
+def test_malicious_sharded_checkpoint_is_refused_before_it_runs(work):
+    """DCP unpickles its index (.metadata) and non-tensor values, such as an optimizer's learning rates,
+    with plain pickle: a sharded checkpoint carrying code in either is refused, whichever script reads it."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    state = torch.load(work / "run" / "ckpt.pt", weights_only=True)
+    write_sharded(state, work / "evil_index")
+    (work / "evil_index" / "ckpt.dcp" / ".metadata").write_bytes(pickle.dumps(RunsCode()))
+    # the optimizer state as a resumed run asks DCP for it, one learning rate replaced by code
+    model = ckpt.model_from(state, "run")
+    optimizer = ckpt.optimizers_of(model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu"))
+    optimizer_state = get_optimizer_state_dict(model, optimizer)
+    optimizer_state["param_groups"][0]["lr"] = RunsCode()
+    write_sharded(state, work / "evil_value", optimizer_state)
+    cases = [("sample.py", ["--out_dir=evil_index", "--max_new_tokens=5"]),
+             ("train.py", [*TINY, "--out_dir=evil_index", "--eval_only"]),
+             ("train.py", [*TINY, "--out_dir=finetuned", "--init_from=evil_index/ckpt.dcp"]),
+             ("export_hf.py", ["--out_dir=evil_index", "--to=hf_out"]),
+             ("train.py", ["--out_dir=evil_value", "--init_from=resume", "--max_iters=10"])]
+    for script, args in cases:
+        before = files(work)
+        assert_refused(run(script, *args, cwd=work), "ckpt.dcp", "not plain data", "posix.system")
+        assert not (work / MARKER).exists()
+        assert files(work) == before

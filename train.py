@@ -9,14 +9,18 @@ Several GPUs on one node, or several nodes (run the same command on each):
     torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --rdzv_backend=c10d \
         --rdzv_endpoint=HOST:29500 train.py config/train_gpt2.py
 
+A model too big for one GPU's copy of weights, gradients and optimizer state: add --parallel=fsdp.
+
 Everything a later run needs lands in out_dir: ckpt.pt (latest), best.pt (best
 validation loss), log.jsonl (metrics) and eval.json (the final full evaluation).
+Under fsdp the checkpoints are sharded: ckpt.dcp and best.dcp.
 """
 import io
 import json
 import math
 import netrc
 import os
+import resource
 import signal
 import sys
 import time
@@ -27,6 +31,7 @@ from datetime import timedelta
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import checkpoint as ckpt
@@ -93,7 +98,8 @@ min_lr = 6e-5
 device = "auto"  # auto | cpu | cuda | cuda:N | mps
 dtype = "auto"  # auto | float32 | bfloat16 | float16 (float16 uses a GradScaler)
 compile = False
-backend = "auto"  # DDP backend: nccl on GPUs, gloo on CPUs
+parallel = "ddp"  # under torchrun: 'ddp' keeps a whole copy of the model in every process, 'fsdp' shards it
+backend = "auto"  # process group backend: nccl on GPUs, gloo on CPUs
 ddp_timeout = 300  # seconds a rank waits for the others before giving up
 seed = 1337
 # -----------------------------------------------------------------------------
@@ -103,13 +109,13 @@ seed = 1337
 MAY_CHANGE_ON_RESUME = {"init_from", "eval_only", "max_iters", "learning_rate", "muon_lr", "decay_lr", "lr_schedule",
                         "decay_frac", "warmup_iters", "lr_decay_iters", "min_lr", "grad_clip", "eval_interval",
                         "log_interval", "eval_iters", "always_save_checkpoint", "final_eval", "plot", "plot_log_scale",
-                        "wandb_log", "wandb_project", "wandb_run_name", "device", "dtype", "compile", "backend",
-                        "ddp_timeout"}
+                        "wandb_log", "wandb_project", "wandb_run_name", "device", "dtype", "compile", "parallel",
+                        "backend", "ddp_timeout"}
 defaults = defaults_from(globals())
 given = overrides(defaults, sys.argv[1:])
 config = {**defaults, **given}
 resuming = config["init_from"] == "resume" or (config["eval_only"] and config["init_from"] == "scratch")
-ckpt_path = os.path.join(config["out_dir"], "ckpt.pt")
+ckpt_path = ckpt.existing(os.path.join(config["out_dir"], "ckpt.pt"))  # or the ckpt.dcp of a sharded run
 checkpoint = None
 if resuming:
     try:
@@ -149,7 +155,8 @@ if learning_rate <= 0 or min_lr < 0:
     fail(f"learning_rate must be positive and min_lr not negative, got {learning_rate} and {min_lr}")
 if decay_lr and lr_decay_iters <= warmup_iters:
     fail(f"lr_decay_iters ({lr_decay_iters}) must be larger than warmup_iters ({warmup_iters})")
-for key, valid in (("optimizer", ("adamw", "muon")), ("lr_schedule", ("cosine", "wsd"))):
+for key, valid in (("optimizer", ("adamw", "muon")), ("lr_schedule", ("cosine", "wsd")),
+                   ("parallel", ("ddp", "fsdp"))):
     if config[key] not in valid:
         fail(f"unknown {key} {config[key]!r}; use {' or '.join(valid)}")
 if not 0 < decay_frac <= 1:
@@ -164,15 +171,22 @@ if lora_rank and optimizer == "muon":
     fail("optimizer=muon orthogonalises whole matrices, not LoRA's low-rank factors; use adamw with lora_rank")
 GPT2_SIZES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 if init_from not in ("scratch", "resume", *GPT2_SIZES) and not init_from.startswith("hf:") \
-        and not init_from.endswith(".pt"):
-    fail(f"unknown init_from {init_from!r}; use scratch, resume, a checkpoint file (.pt), hf:FOLDER "
-         f"or one of {', '.join(GPT2_SIZES)}")
+        and not init_from.endswith(ckpt.SUFFIXES):
+    fail(f"unknown init_from {init_from!r}; use scratch, resume, a checkpoint (.pt, or a sharded run's .dcp), "
+         f"hf:FOLDER or one of {', '.join(GPT2_SIZES)}")
+distributed = "RANK" in os.environ  # started by torchrun, or a launcher that sets what it sets
+if parallel == "fsdp":
+    if not distributed and "parallel" in given:
+        fail("parallel=fsdp shards the model across processes, and needs several: start train.py with "
+             "torchrun --nproc_per_node=N (or leave --parallel out for one process)")
+    if lora_rank:
+        fail("parallel=fsdp does not shard LoRA runs, whose frozen base is the bulk; use --parallel=ddp")
+    parallel = "fsdp" if distributed else "ddp"  # a sharded run resumed in one process: nothing to shard
 
 # -----------------------------------------------------------------------------
 # processes and devices
-ddp = int(os.environ.get("RANK", -1)) != -1
 device = resolve_device(device)
-if ddp:
+if distributed:
     rank, local_rank, world_size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
     if device.startswith("cuda"):
         device = f"cuda:{local_rank}"
@@ -188,6 +202,9 @@ else:
 master = rank == 0
 device_type = device.split(":")[0]
 dtype = resolve_dtype(dtype, device)
+if parallel == "fsdp" and dtype == "float16":
+    fail("parallel=fsdp trains in bfloat16 or float32, not float16, whose loss scaling it does not share "
+         "between processes; use --dtype=bfloat16")
 mixed_precision = autocast(device, dtype)
 if device_type == "cuda":
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -303,7 +320,7 @@ def pretrained_gpt2():
     return gpt2
 
 
-torch.manual_seed(seed + rank)
+torch.manual_seed(seed)  # the same initial weights in every process: fsdp does not copy rank 0's over
 lora = None  # a LoRA run's adapter settings and the identity of its base, saved in its checkpoints
 if resuming:
     model = model_from_checkpoint(checkpoint, ckpt_path, merge=False)
@@ -317,7 +334,7 @@ else:
     if init_from == "scratch":
         model = GPT(GPTConfig(**model_args))
     else:  # fine-tuning: weights from elsewhere, a fresh optimizer and schedule
-        if init_from.endswith(".pt"):
+        if init_from.endswith(ckpt.SUFFIXES):
             try:
                 source = ckpt.load(init_from)
             except ckpt.CheckpointError as e:
@@ -343,6 +360,9 @@ if lora:  # the base stays as loaded: only the adapters train, so only they reac
     model.requires_grad_(False)
     for p in model.adapters().values():
         p.requires_grad_(True)
+torch.manual_seed(seed + rank)  # but each process its own dropout masks
+if parallel == "fsdp":  # before the move to the GPU, so that each process moves only its shard there
+    model.shard(init_device_mesh(device_type, (world_size,)), torch.bfloat16 if dtype == "bfloat16" else None)
 model.to(device)
 scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
 # the config's name of the optimizer becomes the optimizer itself; Muon orthogonalises in bf16 only where
@@ -354,7 +374,10 @@ optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta
 # or evaluation draw numbers
 train_gen = torch.Generator().manual_seed(seed)
 if checkpoint is not None and not eval_only:
-    optimizer.load_state_dict(checkpoint["optimizer"])
+    try:
+        ckpt.restore_optimizer(checkpoint, model, optimizer)
+    except ckpt.CheckpointError as e:
+        fail(str(e))
     if "scaler" in checkpoint:
         scaler.load_state_dict(checkpoint["scaler"])
     train_gen.set_state(checkpoint["rng"]["sampler"])
@@ -367,7 +390,7 @@ checkpoint = None  # free the memory
 raw_model = model
 if compile:
     model = torch.compile(model)
-if ddp:
+if distributed and parallel == "ddp":
     model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
 
 
@@ -388,9 +411,17 @@ def get_lr(it):
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
 
 
+def gradient_sync(last):
+    """Processes average their gradients in the backward pass of an optimizer step's last micro-step only;
+    the others accumulate locally."""
+    if parallel == "fsdp":
+        model.set_requires_gradient_sync(last)
+    return model.no_sync() if distributed and parallel == "ddp" and not last else nullcontext()
+
+
 def all_reduce_sum(values):
     """Element-wise sums over all processes (the values themselves in a single process)."""
-    if not ddp:
+    if not distributed:
         return list(values)
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
@@ -425,10 +456,13 @@ def evaluate_split(split="val"):
     starts = list(range(0, n_targets, block_size))[rank::world_size]
     # without gradients there is room for more rows: up to 64, while the logits stay under 2**27 floats
     rows = max(batch_size, min(64, 2 ** 27 // (block_size * raw_model.config.vocab_size)))
+    # every process runs as many forwards as the busiest (under fsdp each is a collective); spare ones
+    # predict nothing
+    forwards = math.ceil(len(range(0, n_targets, block_size)) / world_size / rows)
     loss_sum, count = 0.0, 0
-    for i in range(0, len(starts), rows):
-        chunk = starts[i:i + rows]
-        lengths = [min(block_size, n_targets - s) for s in chunk]
+    for i in range(0, forwards * rows, rows):
+        chunk = starts[i:i + rows] or [0]
+        lengths = [min(block_size, n_targets - s) for s in chunk] if i < len(starts) else [0]
         x = torch.zeros(len(chunk), block_size, dtype=torch.int64)
         y = torch.full((len(chunk), block_size), -1, dtype=torch.int64)  # -1 is ignored by the loss
         for row, (s, n) in enumerate(zip(chunk, lengths, strict=True)):
@@ -436,24 +470,25 @@ def evaluate_split(split="val"):
             y[row, :n] = torch.from_numpy(data[s + 1:s + 1 + n].astype(np.int64))
         with mixed_precision:
             loss = raw_model(to_device(x), to_device(y))[1]
-        loss_sum += loss.item() * sum(lengths)
-        count += sum(lengths)
+        if sum(lengths):
+            loss_sum += loss.item() * sum(lengths)
+            count += sum(lengths)
     loss_sum, count = all_reduce_sum([loss_sum, count])
     model.train()
     return loss_sum / count, int(count)
 
 
-def save_checkpoint(path):
+def save_checkpoint(name):
+    """Save out_dir/name.pt, written by rank 0; or under fsdp out_dir/name.dcp, to which every process
+    writes its own shard of the model and optimizer."""
     rng = ckpt.rng_state(cuda=device_type == "cuda")
     ranks_rng = [rng]
-    if ddp:  # every process draws its own dropout masks, so an exact resume needs every process's state
+    if distributed:  # every process draws its own dropout masks, so an exact resume needs every process's state
         ranks_rng = [None] * world_size
         dist.all_gather_object(ranks_rng, rng)
-    if not master:
+    if parallel != "fsdp" and not master:
         return
     state = {
-        "model": {name: p.detach() for name, p in raw_model.adapters().items()} if lora else raw_model.state_dict(),
-        "optimizer": optimizer.state_dict(),
         "model_args": model_args,
         "iter_num": iter_num,
         "best_val_loss": best_val_loss,
@@ -465,8 +500,14 @@ def save_checkpoint(path):
         state["scaler"] = scaler.state_dict()
     if lora:
         state["lora"] = lora
+    path = os.path.join(out_dir, name + (".dcp" if parallel == "fsdp" else ".pt"))
     try:
-        ckpt.save(state, path)
+        if parallel == "fsdp":
+            ckpt.save_sharded(state, model, optimizer, path)
+        else:
+            # a LoRA run saves its adapters alone: the base is rebuilt from where it came from
+            weights = {name: p.detach() for name, p in raw_model.adapters().items()} if lora else raw_model.state_dict()
+            ckpt.save({"model": weights, "optimizer": optimizer.state_dict(), **state}, path)
     except ckpt.CheckpointError as e:
         fail(str(e))
 
@@ -543,7 +584,7 @@ def final_evaluation():
 def shut_down():
     """Ranks meet before the process group goes: rank 0 may still be writing, and a process that exits
     with the group alive aborts in gloo's destructors ("terminate called without an active exception")."""
-    if ddp:
+    if distributed:
         dist.barrier()
         dist.destroy_process_group()
 
@@ -557,6 +598,7 @@ if eval_only:
 
 # -----------------------------------------------------------------------------
 # training loop
+ckpt_path = os.path.join(out_dir, "ckpt.dcp" if parallel == "fsdp" else "ckpt.pt")  # where this run saves
 if master:
     try:
         os.makedirs(out_dir, exist_ok=True)
@@ -590,14 +632,31 @@ signal.signal(signal.SIGTERM, request_stop)
 
 
 def agreed_stop():
-    """All processes must stop at the same iteration: under DDP they agree at each log interval."""
-    if not ddp:
+    """All processes must stop at the same iteration: they agree at each log interval."""
+    if not distributed:
         return stop_signal is not None
     if iter_num % log_interval:
         return False
     flag = torch.tensor([float(stop_signal is not None)], device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return flag.item() > 0
+
+
+def memory_use():
+    """What this process holds of the weights, gradients and optimizer state (its shards under fsdp), and
+    its peak memory so far: read after the first step, when all three exist."""
+    def megabytes(tensors):
+        local = [t.to_local() if hasattr(t, "to_local") else t for t in tensors]  # a DTensor's own shard
+        return sum(t.numel() * t.element_size() for t in local) / 2 ** 20
+    params = list(model.parameters())
+    state = [v for opt in ckpt.optimizers_of(optimizer) for s in opt.state.values() for v in s.values()
+             if torch.is_tensor(v)]
+    peak = (f"peak {device_type} memory {torch.cuda.max_memory_allocated(device) / 2 ** 20:,.0f} MB"
+            if device_type == "cuda" else
+            f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 10:,.0f} MB")
+    return (f"memory per process: weights {megabytes(params):,.1f} MB, gradients "
+            f"{megabytes(p.grad for p in params if p.grad is not None):,.1f} MB, optimizer state "
+            f"{megabytes(state):,.1f} MB; {peak}")
 
 
 def check_finite(value, what):
@@ -613,6 +672,7 @@ log(f"{raw_model.num_params() / 1e6:.2f}M parameters{trained} | {device} {dtype}
     f"{tokens_per_iter:,} tokens/iter | {world_size} process(es) | from iter {iter_num} | "
     f"measured peak {peak_flops / 1e12:.3f} TFLOP/s")
 t0 = time.time()
+first_iter = iter_num
 stopping = False
 window_start, window_iters = time.time(), 0
 while iter_num < max_iters:
@@ -624,7 +684,7 @@ while iter_num < max_iters:
     step_loss = 0.0
     for micro_step, (x, y) in enumerate(batches):
         last = micro_step == len(batches) - 1
-        with (model.no_sync() if ddp and not last else nullcontext()), mixed_precision:
+        with gradient_sync(last), mixed_precision:
             _, loss = model(x, y)
             loss = loss / gradient_accumulation_steps
         scaler.scale(loss).backward()
@@ -634,6 +694,8 @@ while iter_num < max_iters:
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     scaler.step(optimizer)
     scaler.update()
+    if iter_num == first_iter:
+        log(memory_use())
     optimizer.zero_grad(set_to_none=True)
     iter_num += 1
     window_iters += 1
@@ -662,9 +724,9 @@ while iter_num < max_iters:
         improved = losses["val"] < best_val_loss
         best_val_loss = min(best_val_loss, losses["val"])
         if improved:
-            save_checkpoint(os.path.join(out_dir, "best.pt"))
+            save_checkpoint("best")
         if improved or always_save_checkpoint or iter_num == max_iters:
-            save_checkpoint(ckpt_path)
+            save_checkpoint("ckpt")
         window_start, window_iters = time.time(), 0  # evaluation time is not training time
 
     if record is not None and master:
@@ -676,7 +738,7 @@ while iter_num < max_iters:
     if stopping:
         # saved without an evaluation, so a stop is prompt; evaluations draw from their own generator,
         # so the resumed run goes on exactly as an uninterrupted one would
-        save_checkpoint(ckpt_path)
+        save_checkpoint("ckpt")
         log(f"{stop_signal or 'a stop request'} received: saved {ckpt_path} at iteration {iter_num}. "
             f"Continue with: python train.py --out_dir={out_dir} --init_from=resume")
         break
