@@ -103,7 +103,7 @@ def save_sharded(state, model, optimizer, path):
     target = os.path.join(folder, name[0])
     model_state, optimizer_state = get_state_dict(model, optimizers_of(optimizer))
     try:
-        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=target)
+        dcp.save({"model": untied(model, model_state), "optimizer": optimizer_state}, checkpoint_id=target)
         if dist.get_rank() == 0:
             with open(os.path.join(target, "state.pt"), "wb") as f:
                 torch.save({"format": FORMAT, **state}, f)
@@ -143,6 +143,14 @@ def remove(path):
             shutil.rmtree(folder, ignore_errors=True)
     if os.path.lexists(path):
         os.remove(path)
+
+
+def untied(model, state_dict):
+    """state_dict without the second name of a tied parameter (the head's weight is the token embedding):
+    DCP would write it twice, and reading the first name fills both."""
+    first = dict(model.named_parameters()).keys()
+    tied = {name for name, _ in model.named_parameters(remove_duplicate=False)} - first
+    return {name: t for name, t in state_dict.items() if name not in tied}
 
 
 def optimizers_of(optimizer):
@@ -249,7 +257,7 @@ def model_from(ckpt, path, merge=True, **overrides):
     try:
         model = GPT(GPTConfig(**{**ckpt["model_args"], **overrides}))
         if "sharded" in ckpt:  # each process reads every shard
-            read_sharded(ckpt["sharded"], {"model": model.state_dict()}, no_dist=True)
+            read_sharded(ckpt["sharded"], {"model": untied(model, model.state_dict())}, no_dist=True)
         else:
             model.load_state_dict(ckpt["model"])
     except CheckpointError:

@@ -63,6 +63,8 @@ def test_two_sharded_processes_match_one(runs, one, two):
     assert sorted(os.listdir(d / two / "ckpt.dcp")) == [".metadata", "__0_0.distcp", "__1_0.distcp", "state.pt"]
     state = torch.load(d / two / "ckpt.dcp" / "state.pt", weights_only=True)
     assert state["iter_num"] == 8 and len(state["rng"]["ranks"]) == 2 and "model" not in state
+    saved = ckpt.read_index(str(d / two / "ckpt.dcp")).state_dict_metadata
+    assert "model.transformer.wte.weight" in saved and "model.lm_head.weight" not in saved  # tied: stored once
     assert_same_weights(weights(d / one / "ckpt.pt"), weights(d / two / "ckpt.dcp"), atol=1e-5)
 
 

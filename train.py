@@ -461,16 +461,16 @@ def evaluate_split(split="val"):
     forwards = math.ceil(len(range(0, n_targets, block_size)) / world_size / rows)
     loss_sum, count = 0.0, 0
     for i in range(0, forwards * rows, rows):
-        chunk = starts[i:i + rows] or [0]
-        lengths = [min(block_size, n_targets - s) for s in chunk] if i < len(starts) else [0]
-        x = torch.zeros(len(chunk), block_size, dtype=torch.int64)
-        y = torch.full((len(chunk), block_size), -1, dtype=torch.int64)  # -1 is ignored by the loss
+        chunk = starts[i:i + rows]  # empty for a spare forward
+        lengths = [min(block_size, n_targets - s) for s in chunk]
+        x = torch.zeros(max(1, len(chunk)), block_size, dtype=torch.int64)
+        y = torch.full((max(1, len(chunk)), block_size), -1, dtype=torch.int64)  # -1 is ignored by the loss
         for row, (s, n) in enumerate(zip(chunk, lengths, strict=True)):
             x[row, :n] = torch.from_numpy(data[s:s + n].astype(np.int64))
             y[row, :n] = torch.from_numpy(data[s + 1:s + 1 + n].astype(np.int64))
         with mixed_precision:
             loss = raw_model(to_device(x), to_device(y))[1]
-        if sum(lengths):
+        if chunk:
             loss_sum += loss.item() * sum(lengths)
             count += sum(lengths)
     loss_sum, count = all_reduce_sum([loss_sum, count])
