@@ -159,8 +159,9 @@ def test_compiled_training_matches_eager(workdir):
     assert [r["loss"] for r in compiled] == pytest.approx([r["loss"] for r in eager], rel=1e-5)
     a, b = (torch.load(workdir / name / "ckpt.pt", weights_only=False)["model"] for name in ("eager", "compiled"))
     assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
+    # float32 for the compiled row too: dtype=auto would take bf16 on a CPU with AMX
     p = conftest.run("bench.py", *TINY, "--compile=True", "--compare=True", "--iters=2", "--warmup=1",
-                     "--sample_tokens=0", cwd=workdir, env=env)
+                     "--sample_tokens=0", "--dtype=float32", cwd=workdir, env=env)
     assert p.returncode == 0, p.stderr
     rows = [line.split() for line in p.stdout.splitlines() if line.startswith("float32")]
     assert [row[1] for row in rows] == ["False", "True"], p.stdout
