@@ -20,7 +20,10 @@ from test_ddp import ENV, RUN8, TINY, launch, losses, max_abs_diff, start
 pytestmark = pytest.mark.slow
 FSDP = ["--parallel=fsdp"]
 MUON = ["--optimizer=muon", "--pos=rope", "--mlp=swiglu"]
-TO12 = [*TINY, "--gradient_accumulation_steps=2", "--max_iters=12", "--eval_interval=4", "--final_eval=False"]
+# clipping at every step, so that a norm over one process's shards instead of the whole would show
+CLIPPED = [*TINY, "--grad_clip=0.1"]
+EIGHT = [*CLIPPED, *RUN8]  # 8 iterations, 2 accumulation steps
+TO12 = [*CLIPPED, "--gradient_accumulation_steps=2", "--max_iters=12", "--eval_interval=4", "--final_eval=False"]
 
 
 def weights(path):
@@ -40,9 +43,9 @@ def runs(tmp_path_factory, shakespeare_char):
     Muon; the sharded AdamW run's checkpoint is kept as it was at iteration 8."""
     d = tmp_path_factory.mktemp("fsdp")
     shakespeare_char(d)
-    launch(([*TINY, *RUN8, "--out_dir=single"], "one"), ([*TINY, *RUN8, *FSDP, "--out_dir=fsdp"], "ranks"), cwd=d)
-    launch(([*TINY, *RUN8, *MUON, "--out_dir=muon_single"], "one"),
-           ([*TINY, *RUN8, *MUON, *FSDP, "--out_dir=muon_fsdp"], "ranks"), cwd=d)
+    launch(([*EIGHT, "--out_dir=single"], "one"), ([*EIGHT, *FSDP, "--out_dir=fsdp"], "ranks"), cwd=d)
+    launch(([*EIGHT, *MUON, "--out_dir=muon_single"], "one"),
+           ([*EIGHT, *MUON, *FSDP, "--out_dir=muon_fsdp"], "ranks"), cwd=d)
     shutil.copytree(d / "fsdp", d / "fsdp8", symlinks=True)
     shutil.copytree(d / "single", d / "single8")
     return d
