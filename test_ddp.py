@@ -304,7 +304,8 @@ def test_sigint_to_one_rank_stops_every_rank_at_the_same_iteration(runs):
         for p, _ in procs:
             p.kill()
     stdout = procs[0][1]()
-    assert "a stop request received" in stdout and "--init_from=resume" in stdout
+    assert "a stop request received" in stdout
+    assert "Continue with: torchrun --nproc_per_node=2 train.py --out_dir=interrupted --init_from=resume" in stdout
     assert sorted(os.listdir(d / "interrupted")) == ["ckpt.pt", "log.jsonl"]  # one checkpoint, no temporaries
     ckpt = torch.load(d / "interrupted" / "ckpt.pt", map_location="cpu", weights_only=False)
     assert ckpt["iter_num"] == read_log(log_path)[-1]["iter"]

@@ -739,8 +739,9 @@ while iter_num < max_iters:
         # saved without an evaluation, so a stop is prompt; evaluations draw from their own generator,
         # so the resumed run goes on exactly as an uninterrupted one would
         save_checkpoint("ckpt")
+        launcher = f"torchrun --nproc_per_node={world_size}" if distributed else "python"
         log(f"{stop_signal or 'a stop request'} received: saved {ckpt_path} at iteration {iter_num}. "
-            f"Continue with: python train.py --out_dir={out_dir} --init_from=resume")
+            f"Continue with: {launcher} train.py --out_dir={out_dir} --init_from=resume")
         break
 
 if final_eval and not stopping and max_iters > 0:
