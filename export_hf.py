@@ -23,7 +23,7 @@ from model import GPTConfig, to_hf_gpt2, to_peft_adapter
 
 # -----------------------------------------------------------------------------
 out_dir = ""  # the run to export; default: the newest under checkpoint/
-checkpoint_name = "ckpt.pt"
+checkpoint_name = "ckpt.pt"  # or best.pt; either finds a sharded run's .dcp of that name too
 to = ""  # the folder to write
 adapter_only = False  # a LoRA run's adapters alone, as a PEFT adapter folder, instead of the merged model
 # -----------------------------------------------------------------------------

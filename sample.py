@@ -21,7 +21,7 @@ from configurator import configure, defaults_from, fail, resolve_device, resolve
 
 # -----------------------------------------------------------------------------
 out_dir = ""  # a run folder holding ckpt.pt; default: the newest under checkpoint/
-checkpoint_name = "ckpt.pt"  # or best.pt
+checkpoint_name = "ckpt.pt"  # or best.pt; either finds a sharded run's .dcp of that name too
 start = "\n"  # the prompt, or FILE:path to read it from a file
 num_samples = 3
 max_new_tokens = 500
