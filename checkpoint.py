@@ -87,39 +87,61 @@ def save(state, path):
 
 def save_sharded(state, model, optimizer, path):
     """Write a sharded checkpoint, path being NAME.dcp. Every process calls this and writes its own shard
-    of the model and optimizer into a new directory, which the symlink at path then points to."""
+    of the model and optimizer into a new directory, which the symlink at path then points to. The
+    directory must be on a filesystem that every process, on every node, sees."""
     import torch.distributed.checkpoint as dcp  # here, as it takes 0.45 s to import
     from torch.distributed.checkpoint.state_dict import get_state_dict
-    folder, base = os.path.split(path)
-    current = os.readlink(path) if os.path.islink(path) else None
-    name = [None]
+    plan = [None, None]  # the new directory's name, or why there is none; rank 0 decides
     if dist.get_rank() == 0:
-        for left in glob.glob(os.path.join(folder, glob.escape(base) + ".[0-9]*")):  # by a killed write
-            if os.path.basename(left) != current:
-                shutil.rmtree(left, ignore_errors=True)
-        iteration = f"{base}.{state['iter_num']:07d}"
-        name = [iteration if iteration != current else iteration + "b"]  # saved twice at one iteration
-    dist.broadcast_object_list(name)
-    target = os.path.join(folder, name[0])
-    model_state, optimizer_state = get_state_dict(model, optimizers_of(optimizer))
-    try:
-        dcp.save({"model": untied(model, model_state), "optimizer": optimizer_state}, checkpoint_id=target)
-        if dist.get_rank() == 0:
+        try:
+            current = linked(path)
+            for left in glob.glob(glob.escape(path) + ".[0-9]*"):  # left by a killed write
+                if os.path.realpath(left) != current:
+                    shutil.rmtree(left, ignore_errors=True)
+            iteration = f"{os.path.basename(path)}.{state['iter_num']:07d}"
+            # saved twice at one iteration: the second beside the first
+            plan[0] = iteration + "b" if current and os.path.basename(current) == iteration else iteration
+        except OSError as e:
+            plan[1] = reason(e)
+    dist.broadcast_object_list(plan)
+    name, error = plan
+    target = os.path.join(os.path.dirname(path), name or "")
+    if not error:
+        try:
+            model_state, optimizer_state = get_state_dict(model, optimizers_of(optimizer))
+            dcp.save({"model": untied(model, model_state), "optimizer": optimizer_state}, checkpoint_id=target)
+        except (Exception, dcp.api.CheckpointException) as e:  # DCP gathers every process's: no Exception
+            error = reason(e)
+    if dist.get_rank() == 0 and not error:
+        try:
             with open(os.path.join(target, "state.pt"), "wb") as f:
                 torch.save({"format": FORMAT, **state}, f)
                 f.flush()
                 os.fsync(f.fileno())
             if os.path.lexists(path + ".tmp"):
                 os.remove(path + ".tmp")
-            os.symlink(name[0], path + ".tmp")
+            os.symlink(name, path + ".tmp")
             os.replace(path + ".tmp", path)  # the one step that moves the checkpoint on
-            if current:
-                shutil.rmtree(os.path.join(folder, current), ignore_errors=True)
+            own = os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path)) + "."
+            if current and current.startswith(own):  # never a directory elsewhere that a link was set to by hand
+                shutil.rmtree(current, ignore_errors=True)
             remove(stem(path) + ".pt")
-    except (Exception, dcp.api.CheckpointException) as e:  # DCP's gathers every process's, and is no Exception
-        raise CheckpointError(f"could not write {path} ({reason(e)}); the "
-                              f"previous checkpoint is intact. Free disk space or choose a writable --out_dir, "
-                              f"then resume") from None
+        except OSError as e:
+            error = reason(e)
+    outcome = [error]
+    dist.broadcast_object_list(outcome)  # every process ends the run alike, not rank 0 alone
+    if outcome[0]:
+        raise CheckpointError(f"could not write {path} ({outcome[0]}); the previous checkpoint is intact. "
+                              f"Free disk space or choose a writable --out_dir, then resume")
+
+
+def linked(path):
+    """The directory that the sharded checkpoint at path is (its link's target, resolved), or None. A real
+    directory there, as a copy that followed the link leaves, is first renamed to where a link can name it."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        os.rename(path, path + ".0000000")
+        os.symlink(os.path.basename(path) + ".0000000", path)
+    return os.path.realpath(path) if os.path.lexists(path) else None
 
 
 def stem(path):
@@ -137,12 +159,15 @@ def existing(path):
 
 
 def remove(path):
-    """Delete a checkpoint: a file, or a sharded checkpoint's symlink and the directories it has pointed to."""
+    """Delete a checkpoint: a file; or a sharded checkpoint's link first, so that no reader finds it half
+    deleted, then the directories it has pointed to (or the directory itself, in a copy)."""
+    if os.path.islink(path) or os.path.isfile(path):
+        os.remove(path)
+    elif os.path.isdir(path):
+        shutil.rmtree(path)
     if path.endswith(".dcp"):
         for folder in glob.glob(glob.escape(path) + ".[0-9]*"):
             shutil.rmtree(folder, ignore_errors=True)
-    if os.path.lexists(path):
-        os.remove(path)
 
 
 def untied(model, state_dict):
@@ -175,11 +200,17 @@ def read_index(path):
         metadata = IndexUnpickler(f).load()
     if not isinstance(metadata, Metadata):
         raise pickle.UnpicklingError(f"its index holds a {type(metadata).__name__}, not DCP's Metadata")
+    for where in (metadata.storage_data or {}).values():  # shards are files beside the index, nowhere else
+        name = getattr(where, "relative_path", None)
+        if not isinstance(name, str) or name in ("", ".", "..") or os.path.basename(name) != name:
+            raise ValueError(f"its index names a shard file {name!r} outside its directory")
     return metadata
 
 
-def read_sharded(path, state_dict, no_dist=False):
-    """Fill state_dict's tensors (plain or sharded) from the sharded checkpoint at path."""
+def read_sharded(directory, state_dict, path=None, no_dist=False):
+    """Fill state_dict's tensors (plain or sharded) from a sharded checkpoint's directory (path: the name
+    the user gave it, for messages)."""
+    path = path or directory
     import torch.distributed.checkpoint as dcp
 
     class IndexCheckingReader(dcp.FileSystemReader):
@@ -200,10 +231,11 @@ def read_sharded(path, state_dict, no_dist=False):
             super().load_bytes(read_item, value)
 
     try:
-        read_index(path)  # refused here, DCP would log a traceback and try other files
+        read_index(directory)  # refused here, DCP would log a traceback and try other files
         with warnings.catch_warnings():  # reading without collectives is meant, in one process or several
             warnings.filterwarnings("ignore", "torch.distributed is disabled")
-            dcp.load(state_dict, storage_reader=IndexCheckingReader(path), planner=DataOnlyPlanner(), no_dist=no_dist)
+            dcp.load(state_dict, storage_reader=IndexCheckingReader(directory), planner=DataOnlyPlanner(),
+                     no_dist=no_dist)
     except (Exception, dcp.api.CheckpointException) as e:
         unsafe = re.search(r"GLOBAL (\S+)", str(e))
         if unsafe:
@@ -225,27 +257,28 @@ def load(path):
         raise CheckpointError(f"no checkpoint at {path}; train one first or point --out_dir (or --init_from) "
                               f"at a run")
     sharded = os.path.isdir(path)
-    if sharded and not os.path.exists(os.path.join(path, ".metadata")):
+    # a sharded checkpoint is read from the directory its link names now, even if a save moves the link
+    directory = os.path.realpath(path) if sharded else None
+    if sharded and not os.path.exists(os.path.join(directory, ".metadata")):
         raise CheckpointError(f"{path} is not a whole sharded checkpoint (it has no .metadata); point "
                               f"--init_from at the NAME.dcp link that a run writes")
     try:
         with torch.serialization.safe_globals(OLD_FORMAT_GLOBALS):
-            ckpt = torch.load(os.path.join(path, "state.pt") if sharded else path, map_location="cpu",
+            ckpt = torch.load(os.path.join(directory, "state.pt") if sharded else path, map_location="cpu",
                               weights_only=True)
     except Exception as e:
         unsafe = re.search(r"GLOBAL (\S+)", str(e)) if isinstance(e, pickle.UnpicklingError) else None
         if unsafe:
             raise CheckpointError(f"{path} contains Python objects that are not plain data ({unsafe[1]}); "
                                   f"refusing to load it (it may run code)") from None
-        reason = "damaged, or not written by torch.save" if isinstance(e, pickle.UnpicklingError) else \
-            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        raise CheckpointError(f"{path} is not a checkpoint of this project ({reason})") from None
+        why = "damaged, or not written by torch.save" if isinstance(e, pickle.UnpicklingError) else reason(e)
+        raise CheckpointError(f"{path} is not a checkpoint of this project ({why})") from None
     if not isinstance(ckpt, dict) or not {"model_args", "config", "meta"} <= ckpt.keys() or \
             not (sharded or "model" in ckpt):
         raise CheckpointError(f"{path} is not a checkpoint of this project (it lacks model_args, model, "
                               f"config or meta)")
     if sharded:
-        ckpt["sharded"] = path  # model and optimizer stay on disk until read_sharded
+        ckpt["sharded"] = directory  # model and optimizer stay on disk until read_sharded
     return ckpt
 
 
@@ -257,7 +290,7 @@ def model_from(ckpt, path, merge=True, **overrides):
     try:
         model = GPT(GPTConfig(**{**ckpt["model_args"], **overrides}))
         if "sharded" in ckpt:  # each process reads every shard
-            read_sharded(ckpt["sharded"], {"model": untied(model, model.state_dict())}, no_dist=True)
+            read_sharded(ckpt["sharded"], {"model": untied(model, model.state_dict())}, path, no_dist=True)
         else:
             model.load_state_dict(ckpt["model"])
     except CheckpointError:
@@ -273,20 +306,24 @@ def restore_optimizer(ckpt, model, optimizer):
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
     from torch.distributed.tensor import DTensor, distribute_tensor
     optimizers = optimizers_of(optimizer)
+    scales = [group.get("lr_scale") for group in optimizer.param_groups]  # as configured now: muon_lr may change
     if "sharded" in ckpt:  # DCP reads each process's part, whatever the number of processes that wrote it
         state = get_optimizer_state_dict(model, optimizers)
         read_sharded(ckpt["sharded"], {"optimizer": state})
         set_optimizer_state_dict(model, optimizers, state)
-        return
-    state = ckpt["optimizer"]
-    for opt, opt_state in zip(optimizers, state.get("optimizers", [state]), strict=True):
-        params = [p for group in opt.param_groups for p in group["params"]]  # the order state_dict numbers them
-        for i, values in opt_state["state"].items():
-            p = params[i]
-            if isinstance(p, DTensor):  # a whole tensor from an unsharded run: keep this process's rows
-                values.update({k: distribute_tensor(v, p.device_mesh, p.placements, src_data_rank=None)
-                               for k, v in values.items() if torch.is_tensor(v) and v.shape == p.shape})
-    optimizer.load_state_dict(state)
+    else:
+        state = ckpt["optimizer"]
+        for opt, opt_state in zip(optimizers, state.get("optimizers", [state]), strict=True):
+            params = [p for group in opt.param_groups for p in group["params"]]  # as state_dict numbers them
+            for i, values in opt_state["state"].items():
+                p = params[i]
+                if isinstance(p, DTensor):  # a whole tensor from an unsharded run: keep this process's rows
+                    values.update({k: distribute_tensor(v, p.device_mesh, p.placements, src_data_rank=None)
+                                   for k, v in values.items() if torch.is_tensor(v) and v.shape == p.shape})
+        optimizer.load_state_dict(state)
+    for group, scale in zip(optimizer.param_groups, scales, strict=True):
+        if scale is not None:
+            group["lr_scale"] = scale
 
 
 def adapted_base(ckpt, path, merge, dropout):
@@ -356,7 +393,8 @@ def find(out_dir, name):
     (ckpt.pt also finds a sharded run's ckpt.dcp)."""
     if out_dir:
         return existing(os.path.join(out_dir, name))
-    found = [path for suffix in SUFFIXES for path in glob.glob(os.path.join("checkpoint", "*", stem(name) + suffix))]
+    found = [path for suffix in SUFFIXES for path in glob.glob(os.path.join("checkpoint", "*", stem(name) + suffix))
+             if os.path.exists(path)]  # not a link a kill left dangling
     found.sort(key=os.path.getmtime)
     if not found:
         raise CheckpointError("no checkpoint found under checkpoint/; train one (e.g. make demo) or pass --out_dir")

@@ -439,28 +439,33 @@ class Muon(torch.optim.Optimizer):
     def step(self, closure=None):  # closure: torch.distributed.checkpoint calls step(closure=None)
         from torch.distributed.tensor import DTensor, distribute_tensor  # FSDP's sharded tensors
         for group in self.param_groups:
-            same_shape = defaultdict(list)  # (rows, cols) with rows <= cols -> [(param, its updates, transposed)]
+            stacked = group["stacked"]
+            # matrices orthogonalised in one batch: those of one shape, the iteration wanting rows <= cols;
+            # under FSDP each whole matrix alone, so that a process never holds more than one
+            batches = defaultdict(list)
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
                 buf.lerp_(p.grad, 1 - group["momentum"])
-                update = p.grad.lerp(buf, group["momentum"])  # Nesterov: the gradient, then the momentum
-                if isinstance(update, DTensor):
-                    update = update.full_tensor()
-                update = update.view(group["stacked"], -1, p.size(1))  # (stacked, out, in)
-                transposed = update.size(1) > update.size(2)  # the iteration wants rows <= cols
-                same_shape[tuple(update.shape[1:][::-1] if transposed else update.shape[1:])].append(
-                    (p, update.mT if transposed else update, transposed))
-            for members in same_shape.values():
-                ortho = orthogonalize(torch.cat([u for _, u, _ in members]).to(self.dtype))
-                for (p, _, transposed), o in zip(members, ortho.split(group["stacked"]), strict=True):
-                    out_features = p.size(0) // group["stacked"]
-                    # a tall matrix's update gets larger, as in Jordan et al.'s reference implementation
-                    scale = math.sqrt(max(1.0, out_features / p.size(1)))
-                    o = (o.mT if transposed else o).reshape(p.shape).to(p.dtype)
+                rows, cols = p.size(0) // stacked, p.size(1)
+                batches[id(p) if isinstance(p, DTensor) else (min(rows, cols), max(rows, cols))].append(p)
+            for members in batches.values():
+                updates = []
+                for p in members:
+                    update = p.grad.lerp(self.state[p]["momentum_buffer"], group["momentum"])  # Nesterov
+                    if isinstance(update, DTensor):
+                        update = update.full_tensor()
+                    update = update.view(stacked, -1, p.size(1))  # (stacked, out, in)
+                    updates.append(update.mT if update.size(1) > update.size(2) else update)
+                ortho = orthogonalize(torch.cat(updates).to(self.dtype))
+                for p, o in zip(members, ortho.split(stacked), strict=True):
+                    out_features = p.size(0) // stacked
+                    o = (o.mT if out_features > p.size(1) else o).reshape(p.shape).to(p.dtype)
                     if isinstance(p, DTensor):  # every process computed the same o: keep its own rows
                         o = distribute_tensor(o, p.device_mesh, p.placements, src_data_rank=None)
+                    # a tall matrix's update gets larger, as in Jordan et al.'s reference implementation
+                    scale = math.sqrt(max(1.0, out_features / p.size(1)))
                     p.mul_(1 - group["lr"] * group["weight_decay"])
                     p.add_(o, alpha=-group["lr"] * scale)
 

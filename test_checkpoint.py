@@ -242,3 +242,18 @@ def test_malicious_sharded_checkpoint_is_refused_before_it_runs(work):
         assert_refused(run(script, *args, cwd=work), "ckpt.dcp", "not plain data", "posix.system")
         assert not (work / MARKER).exists()
         assert files(work) == before
+
+
+def test_resumed_optimizer_keeps_the_learning_rates_configured_now(work):
+    """Resuming may change muon_lr or learning_rate: Muon's groups then run at the new ratio of the two,
+    not the one saved with the optimizer state."""
+    state = torch.load(work / "run" / "ckpt.pt", weights_only=True)
+    model = ckpt.model_from(state, "run")
+    saved = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu", "muon", muon_lr=0.02)
+    model(torch.zeros(1, 8, dtype=torch.long), torch.zeros(1, 8, dtype=torch.long))[1].backward()
+    saved.step()
+    resumed = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu", "muon", muon_lr=0.04)
+    ckpt.restore_optimizer({"optimizer": saved.state_dict()}, model, resumed)
+    assert [g["lr_scale"] for g in resumed.param_groups if "lr_scale" in g] == [pytest.approx(40.0)] * 2
+    assert torch.equal(resumed.optimizers[1].state[model.transformer.h[0].attn.c_attn.weight]["momentum_buffer"],
+                       saved.optimizers[1].state[model.transformer.h[0].attn.c_attn.weight]["momentum_buffer"])

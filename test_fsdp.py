@@ -74,22 +74,29 @@ def test_two_sharded_processes_match_one(runs, one, two):
 def test_sharded_resume_by_two_one_and_from_one(runs):
     """Iteration 8 resumed to 12: by two sharded processes, bitwise as an uninterrupted sharded run; by one
     process (DCP reshards 2 -> 1), and from one process's ckpt.pt by two sharded ones (1 -> 2), each
-    within 1e-4 of one process running 12 straight."""
+    within 1e-4 of one process running 12 straight.
+
+    The first resumes a copy that followed the link (ckpt.dcp a directory, as scp -r leaves it) in a folder
+    whose name is a glob pattern matching a sibling's; the sibling's checkpoint must survive its saves."""
     d = runs
-    for name in ("two_two", "two_one"):
-        shutil.copytree(d / "fsdp8", d / name, symlinks=True)
+    shutil.copytree(d / "fsdp8", d / "two[2]")
+    shutil.copytree(d / "fsdp8", d / "two2", symlinks=True)
+    shutil.copytree(d / "fsdp8", d / "two_one", symlinks=True)
     shutil.copytree(d / "single8", d / "one_two")
     launch(([*TO12, *FSDP, "--out_dir=fsdp12"], "ranks"), ([*TO12, "--out_dir=single12"], "one"), cwd=d)
     resume = [*TO12, "--init_from=resume"]
-    launch(([*resume, "--out_dir=two_two"], "ranks"), ([*resume, "--out_dir=two_one"], "one"), cwd=d)
+    launch(([*resume, "--out_dir=two[2]"], "ranks"), ([*resume, "--out_dir=two_one"], "one"), cwd=d)
     launch(([*resume, *FSDP, "--out_dir=one_two"], "ranks"), cwd=d)
     straight_fsdp, straight = losses(d / "fsdp12" / "log.jsonl"), losses(d / "single12" / "log.jsonl")
     later = range(9, 13)
-    two_two = losses(d / "two_two" / "log.jsonl")
+    two_two = losses(d / "two[2]" / "log.jsonl")
     assert [two_two[i] for i in later] == [straight_fsdp[i] for i in later]
-    assert weights(d / "two_two" / "ckpt.dcp").keys() == weights(d / "fsdp12" / "ckpt.dcp").keys()
-    assert all(torch.equal(a, b) for a, b in zip(weights(d / "two_two" / "ckpt.dcp").values(),
+    assert weights(d / "two[2]" / "ckpt.dcp").keys() == weights(d / "fsdp12" / "ckpt.dcp").keys()
+    assert all(torch.equal(a, b) for a, b in zip(weights(d / "two[2]" / "ckpt.dcp").values(),
                                                  weights(d / "fsdp12" / "ckpt.dcp").values(), strict=True))
+    assert sorted(n for n in os.listdir(d / "two[2]") if n.startswith("ckpt")) == ["ckpt.dcp", "ckpt.dcp.0000012"]
+    assert os.readlink(d / "two[2]" / "ckpt.dcp") == "ckpt.dcp.0000012"
+    assert sorted(os.listdir(d / "two2")) == sorted(os.listdir(d / "fsdp8"))  # the sibling, untouched
     for name in ("two_one", "one_two"):
         resumed = losses(d / name / "log.jsonl")
         diff = max(abs(resumed[i] - straight[i]) for i in later)

@@ -360,7 +360,8 @@ if lora:  # the base stays as loaded: only the adapters train, so only they reac
     model.requires_grad_(False)
     for p in model.adapters().values():
         p.requires_grad_(True)
-torch.manual_seed(seed + rank)  # but each process its own dropout masks
+if rank:  # but each process its own dropout masks (rank 0 draws on, as a single process does)
+    torch.manual_seed(seed + rank)
 if parallel == "fsdp":  # before the move to the GPU, so that each process moves only its shard there
     model.shard(init_device_mesh(device_type, (world_size,)), torch.bfloat16 if dtype == "bfloat16" else None)
 model.to(device)
@@ -503,7 +504,7 @@ def save_checkpoint(name):
     path = os.path.join(out_dir, name + (".dcp" if parallel == "fsdp" else ".pt"))
     try:
         if parallel == "fsdp":
-            ckpt.save_sharded(state, model, optimizer, path)
+            ckpt.save_sharded(state, raw_model, optimizer, path)
         else:
             # a LoRA run saves its adapters alone: the base is rebuilt from where it came from
             weights = {name: p.detach() for name, p in raw_model.adapters().items()} if lora else raw_model.state_dict()
@@ -739,7 +740,9 @@ while iter_num < max_iters:
         # saved without an evaluation, so a stop is prompt; evaluations draw from their own generator,
         # so the resumed run goes on exactly as an uninterrupted one would
         save_checkpoint("ckpt")
-        launcher = f"torchrun --nproc_per_node={world_size}" if distributed else "python"
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+        launcher = "python" if not distributed else f"torchrun --nproc_per_node={per_node}" + \
+            (f" --nnodes={world_size // per_node} ..." if world_size > per_node else "")
         log(f"{stop_signal or 'a stop request'} received: saved {ckpt_path} at iteration {iter_num}. "
             f"Continue with: {launcher} train.py --out_dir={out_dir} --init_from=resume")
         break
