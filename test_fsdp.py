@@ -104,6 +104,7 @@ def test_sharded_resume_by_two_one_and_from_one(runs):
         assert diff <= 1e-4
     # each run keeps one checkpoint, in the format of the processes that last saved it
     assert sorted(os.listdir(d / "two_one")) == ["best.pt", "ckpt.pt", "log.jsonl", "loss.png"]
+    assert torch.load(d / "two_one" / "ckpt.pt", weights_only=True)["config"]["parallel"] == "ddp"  # what ran
     assert {"ckpt.dcp", "ckpt.dcp.0000012"} <= set(os.listdir(d / "one_two"))
     assert "ckpt.pt" not in os.listdir(d / "one_two")
     assert_same_weights(weights(d / "two_one" / "ckpt.pt"), weights(d / "single12" / "ckpt.pt"), atol=1e-4)

@@ -181,7 +181,8 @@ if parallel == "fsdp":
              "torchrun --nproc_per_node=N (or leave --parallel out for one process)")
     if lora_rank:
         fail("parallel=fsdp does not shard LoRA runs, whose frozen base is the bulk; use --parallel=ddp")
-    parallel = "fsdp" if distributed else "ddp"  # a sharded run resumed in one process: nothing to shard
+    # a sharded run resumed in one process: nothing to shard, and its checkpoints say so
+    parallel = config["parallel"] = "fsdp" if distributed else "ddp"
 
 # -----------------------------------------------------------------------------
 # processes and devices

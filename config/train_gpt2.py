@@ -1,5 +1,6 @@
 # GPT-2 small (124M) on one 8-GPU node:
 #   torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2.py
+# add --parallel=fsdp to shard weights, gradients and optimizer state across the GPUs (a larger n_layer/n_embd)
 # 12 sequences x 1024 tokens x 40 accumulation steps = about 0.5M tokens per optimizer step.
 out_dir = "checkpoint/gpt2"
 dataset = "openwebtext"
