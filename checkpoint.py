@@ -72,10 +72,7 @@ def save(state, path):
     """Write atomically: a kill mid-write leaves the previous file whole."""
     tmp = path + ".tmp"
     try:
-        with open(tmp, "wb") as f:
-            torch.save({"format": FORMAT, **state}, f)
-            f.flush()
-            os.fsync(f.fileno())
+        write(state, tmp)
         os.replace(tmp, path)
         remove(stem(path) + ".dcp")
     except OSError as e:
@@ -83,6 +80,14 @@ def save(state, path):
             os.remove(tmp)
         raise CheckpointError(f"could not write {path} ({e.strerror}); the previous checkpoint is intact. "
                               f"Free disk space or choose a writable --out_dir, then resume") from None
+
+
+def write(state, path):
+    """torch.save the state, with the format number, and wait until it is on disk."""
+    with open(path, "wb") as f:
+        torch.save({"format": FORMAT, **state}, f)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def save_sharded(state, model, optimizer, path):
@@ -114,10 +119,7 @@ def save_sharded(state, model, optimizer, path):
             error = reason(e)
     if dist.get_rank() == 0 and not error:
         try:
-            with open(os.path.join(target, "state.pt"), "wb") as f:
-                torch.save({"format": FORMAT, **state}, f)
-                f.flush()
-                os.fsync(f.fileno())
+            write(state, os.path.join(target, "state.pt"))
             if os.path.lexists(path + ".tmp"):
                 os.remove(path + ".tmp")
             os.symlink(name, path + ".tmp")
@@ -213,14 +215,13 @@ def read_sharded(directory, state_dict, path=None, no_dist=False):
     path = path or directory
     import torch.distributed.checkpoint as dcp
 
-    class IndexCheckingReader(dcp.FileSystemReader):
-        """DCP's reader, whose index is read by IndexUnpickler instead of pickle.load."""
+    class CheckedIndexReader(dcp.FileSystemReader):
+        """DCP's reader, handed the index that read_index checked rather than unpickling it with pickle.load."""
 
         def read_metadata(self, *args, **kwargs):
-            metadata = read_index(self.path)
-            metadata.storage_meta = metadata.storage_meta or dcp.metadata.StorageMeta()
-            metadata.storage_meta.load_id = self.load_id
-            return metadata
+            index.storage_meta = index.storage_meta or dcp.metadata.StorageMeta()
+            index.storage_meta.load_id = self.load_id
+            return index
 
     class DataOnlyPlanner(dcp.DefaultLoadPlanner):
         """DCP's planner, reading non-tensor values only if torch.load(weights_only=True) accepts them."""
@@ -231,10 +232,10 @@ def read_sharded(directory, state_dict, path=None, no_dist=False):
             super().load_bytes(read_item, value)
 
     try:
-        read_index(directory)  # refused here, DCP would log a traceback and try other files
+        index = read_index(directory)  # refused here, as DCP would log a traceback and try other files
         with warnings.catch_warnings():  # reading without collectives is meant, in one process or several
             warnings.filterwarnings("ignore", "torch.distributed is disabled")
-            dcp.load(state_dict, storage_reader=IndexCheckingReader(directory), planner=DataOnlyPlanner(),
+            dcp.load(state_dict, storage_reader=CheckedIndexReader(directory), planner=DataOnlyPlanner(),
                      no_dist=no_dist)
     except (Exception, dcp.api.CheckpointException) as e:
         unsafe = re.search(r"GLOBAL (\S+)", str(e))
@@ -296,8 +297,7 @@ def model_from(ckpt, path, merge=True, **overrides):
     except CheckpointError:
         raise
     except Exception as e:
-        raise CheckpointError(f"{path} is not a checkpoint this model can load "
-                              f"({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        raise CheckpointError(f"{path} is not a checkpoint this model can load ({reason(e)})") from None
     return model
 
 
@@ -340,8 +340,7 @@ def adapted_base(ckpt, path, merge, dropout):
             raise KeyError(f"{len(ckpt['model'])} adapter tensors for {len(model.adapters())} places")
         model.load_state_dict(ckpt["model"], strict=False)  # strict would ask for the base's weights too
     except (ValueError, KeyError, RuntimeError) as e:
-        raise CheckpointError(f"{path} holds adapters that do not fit {lora['base']} "
-                              f"({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        raise CheckpointError(f"{path} holds adapters that do not fit {lora['base']} ({reason(e)})") from None
     return model.merge_lora() if merge else model
 
 

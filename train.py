@@ -502,7 +502,7 @@ def save_checkpoint(name):
         state["scaler"] = scaler.state_dict()
     if lora:
         state["lora"] = lora
-    path = os.path.join(out_dir, name + (".dcp" if parallel == "fsdp" else ".pt"))
+    path = os.path.join(out_dir, name + suffix)
     try:
         if parallel == "fsdp":
             ckpt.save_sharded(state, raw_model, optimizer, path)
@@ -600,7 +600,8 @@ if eval_only:
 
 # -----------------------------------------------------------------------------
 # training loop
-ckpt_path = os.path.join(out_dir, "ckpt.dcp" if parallel == "fsdp" else "ckpt.pt")  # where this run saves
+suffix = ".dcp" if parallel == "fsdp" else ".pt"  # how this run saves: sharded, or one file
+ckpt_path = os.path.join(out_dir, "ckpt" + suffix)
 if master:
     try:
         os.makedirs(out_dir, exist_ok=True)
