@@ -112,6 +112,17 @@ def test_gpt2_export_refuses_what_gpt2_cannot_hold(tmp_path, kw):
     assert not any(tmp_path.iterdir())
 
 
+def newton_schulz(G, steps=5):
+    """The published quintic iteration (Jordan et al. 2024) for one wide matrix, written out here so that
+    a change inside model.orthogonalize shows: scale to unit Frobenius norm, then X <- aX + (bA + cA^2)X."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    X = G / (G.norm() + 1e-7)
+    for _ in range(steps):
+        A = X @ X.T
+        X = a * X + (b * A + c * A @ A) @ X
+    return X
+
+
 def reference_muon_step(params, momentum, lr, weight_decay, stacked, buffers):
     """Muon as its definition reads, one matrix at a time: Nesterov momentum, then each stacked matrix
     (transposed to be wide) through the same Newton-Schulz iteration, scaled by sqrt(max(1, out/in))."""
@@ -122,7 +133,7 @@ def reference_muon_step(params, momentum, lr, weight_decay, stacked, buffers):
         pieces = []
         for g in update.chunk(n, dim=0):
             tall = g.size(0) > g.size(1)
-            o = orthogonalize((g.T if tall else g)[None])[0]
+            o = newton_schulz(g.T if tall else g)
             pieces.append((o.T if tall else o) * math.sqrt(max(1.0, g.size(0) / g.size(1))))
         p.mul_(1 - lr * weight_decay).sub_(torch.cat(pieces) * lr)
 
@@ -154,6 +165,21 @@ def test_orthogonalize_flattens_the_spectrum():
     g = torch.randn(3, 16, 48) * torch.logspace(-2, 1, 48)  # singular values over three decades
     s = torch.linalg.svdvals(orthogonalize(g))
     assert s.min() > 0.5 and s.max() < 1.3
+
+
+def test_orthogonalize_is_the_quintic_newton_schulz_iteration():
+    """On singular values spread over three decades (U diag(logspace(-3, 0)) V^T), where each step of the
+    iteration still lifts the small ones, so a lost step shows."""
+    gen = torch.Generator().manual_seed(0)
+    U = torch.linalg.qr(torch.randn(2, 32, 32, generator=gen))[0]
+    V = torch.linalg.qr(torch.randn(2, 64, 32, generator=gen))[0]
+    G = U @ torch.diag(torch.logspace(-3, 0, 32)) @ V.mT  # (2, 32, 64)
+    got = orthogonalize(G)
+    for g, o in zip(G, got, strict=True):
+        assert torch.allclose(o, newton_schulz(g), atol=1e-5)
+        assert not torch.allclose(o, newton_schulz(g, steps=4), atol=1e-3)
+    s = torch.linalg.svdvals(got)
+    assert s.min() > 0.2 and s.max() < 1.3
 
 
 def test_muon_and_modern_blocks_learn():

@@ -248,3 +248,38 @@ def test_bf16_autocast_training_tracks_fp32():
     fp32, bf16 = train_50_steps(False), train_50_steps(True)
     assert max(abs(a - b) for a, b in zip(fp32, bf16, strict=True)) < 0.05
     assert bf16[-1] < 0.6 * bf16[0] and fp32[-1] < 0.6 * fp32[0]
+
+
+@pytest.mark.parametrize("norm", ["layernorm", "rmsnorm"])
+def test_norms_follow_their_formula_with_gains_and_eps(norm):
+    """Every norm of the model (ln_1, ln_2, ln_f and qk_norm's) against its definition written out, on
+    activations so small that eps matters and with gains and biases away from 1 and 0."""
+    eps = 1e-3
+    model = GPT(GPTConfig(block_size=8, vocab_size=16, n_layer=1, n_head=2, n_embd=8, norm=norm, norm_eps=eps,
+                          qk_norm=True, bias=True))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.uniform_(0.5, 1.5)
+    x = torch.randn(3, 5, 8) * 0.01  # mean square 1e-4, a tenth of eps: an ignored eps moves the output 5%
+    block = model.transformer.h[0]
+    for layer in (block.ln_1, block.ln_2, model.transformer.ln_f):
+        if norm == "rmsnorm":
+            expected = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps) * layer.weight
+        else:
+            centred = x - x.mean(-1, keepdim=True)
+            expected = centred / torch.sqrt(centred.pow(2).mean(-1, keepdim=True) + eps) * layer.weight + layer.bias
+        assert torch.allclose(layer(x), expected, atol=1e-6, rtol=1e-5)
+    q = x.view(3, 5, 2, 4)
+    for layer in (block.attn.q_norm, block.attn.k_norm):
+        expected = q / torch.sqrt(q.pow(2).mean(-1, keepdim=True) + eps) * layer.weight
+        assert torch.allclose(layer(q), expected, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("top_p,kept", [(0.25, 1), (0.5, 2), (0.75, 3), (0.8, 4)])
+def test_top_p_drops_a_token_once_the_mass_before_it_reaches_p(top_p, kept):
+    """Four equal logits: probabilities of exactly 1/4, and masses before each token of exactly 0, 1/4,
+    1/2 and 3/4, so the boundary case (mass before == top_p) decides the count."""
+    generator = torch.Generator().manual_seed(0)
+    draws = {sample_next(torch.zeros(1, 4), 1.0, 0, top_p, generator).item() for _ in range(400)}
+    assert len(draws) == kept

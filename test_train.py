@@ -165,3 +165,44 @@ def test_compiled_training_matches_eager(workdir):
     assert p.returncode == 0, p.stderr
     rows = [line.split() for line in p.stdout.splitlines() if line.startswith("float32")]
     assert [row[1] for row in rows] == ["False", "True"], p.stdout
+
+
+def test_clipping_bounds_the_gradient_of_the_first_step(workdir):
+    """AdamW's first step moves each weight by u = lr g / (|g| + eps): after bias correction its moments are
+    g and g^2. So the step, read from the checkpoints before and after, gives back the gradient it used,
+    |g| = eps |u| / (lr - |u|), and that gradient's norm must be grad_clip, far below the unclipped norm.
+    Under float16 the scaled gradients must be unscaled before they are clipped, or the step shrinks with
+    the loss scale (65,536): its step must be the float32 step, within float16's precision."""
+    lr, eps, grad_clip = 1e-2, 1e-8, 1e-6
+    before = torch.load(workdir / "ck" / "ckpt.pt", weights_only=True)["model"]
+    steps, norms = {}, {}
+    for dtype in ("float32", "float16"):
+        run("train.py", *TINY, "--init_from=ck/ckpt.pt", f"--out_dir=clip_{dtype}", "--max_iters=1",
+            f"--grad_clip={grad_clip}", "--weight_decay=0", "--decay_lr=False", f"--learning_rate={lr}",
+            f"--dtype={dtype}", "--final_eval=False", cwd=workdir)
+        after = torch.load(workdir / f"clip_{dtype}" / "ckpt.pt", weights_only=True)["model"]
+        # lm_head.weight is the token embedding's second name
+        steps[dtype] = torch.cat([(before[n] - after[n]).double().flatten() for n in before if n != "lm_head.weight"])
+        u = steps[dtype].abs()
+        assert u.max() < lr
+        norms[dtype] = (eps * u / (lr - u)).norm().item()
+    assert norms["float32"] == pytest.approx(grad_clip, rel=1e-3), norms
+    assert norms["float16"] == pytest.approx(grad_clip, rel=1e-2), norms
+    assert (steps["float16"] - steps["float32"]).norm() < 0.05 * steps["float32"].norm()
+
+
+def test_evaluation_draws_no_dropout_and_returns_to_training(workdir):
+    """A learning rate of 1e-30 moves no weight (they are about 1e-2, whose float32 spacing is 1e-9), so every
+    evaluation sees the same model: with dropout 0.5 its loss is the same each time only if dropout is off
+    while it evaluates. The training losses, which do draw dropout masks, come out the same with an
+    evaluation after every step as with one at the end only if evaluating draws no random numbers and puts
+    the model back into training mode."""
+    args = [*TINY, "--init_from=ck/ckpt.pt", "--dropout=0.5", "--learning_rate=1e-30", "--decay_lr=False",
+            "--max_iters=6", "--final_eval=False"]
+    run("train.py", *args, "--eval_interval=1", "--out_dir=dropout_every", cwd=workdir)
+    run("train.py", *args, "--eval_interval=6", "--out_dir=dropout_once", cwd=workdir)
+    every, once = (read_log(workdir / name / "log.jsonl") for name in ("dropout_every", "dropout_once"))
+    val = [r["val_loss"] for r in every]
+    assert len(val) == 6 and max(val) - min(val) < 1e-6, val
+    assert [r["loss"] for r in every] == [r["loss"] for r in once]
+    assert len({r["loss"] for r in every}) == 6  # the losses are of different batches, so they could tell
