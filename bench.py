@@ -16,12 +16,11 @@ import sys
 import time
 from dataclasses import fields
 
-import numpy as np
 import torch
 from torch.nn import functional as F
 
-import tokenizer as tok
-from configurator import autocast, configure, fail, resolve_device, resolve_dtype, script_defaults
+from configurator import InputError, autocast, configure, fail, resolve_device, resolve_dtype, script_defaults
+from dataloader import Dataset, batches
 from model import GPT, GPTConfig
 
 BENCH_DEFAULTS = dict(
@@ -73,22 +72,6 @@ def peak_memory_mb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def batches(cfg, train_data, vocab_size, device, n=8):
-    """A few fixed batches: from the prepared dataset's train split, or random tokens without one."""
-    gen = torch.Generator().manual_seed(cfg["seed"])
-    B, T = cfg["batch_size"], cfg["block_size"]
-    data = train_data
-    if data is None:
-        data = torch.randint(vocab_size, (n * B * (T + 1),), generator=gen).numpy()
-    out = []
-    for _ in range(n):
-        ix = torch.randint(len(data) - T - 1, (B,), generator=gen).tolist()
-        x = torch.from_numpy(np.stack([data[i:i + T] for i in ix]).astype(np.int64)).to(device)
-        y = torch.from_numpy(np.stack([data[i + 1:i + 1 + T] for i in ix]).astype(np.int64)).to(device)
-        out.append((x, y))
-    return out
-
-
 def bench_training(cfg, model_config, train_data, device, dtype, compiled, peak):
     torch.manual_seed(cfg["seed"])
     device_type = device.split(":")[0]
@@ -99,7 +82,12 @@ def bench_training(cfg, model_config, train_data, device, dtype, compiled, peak)
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
     mixed_precision = autocast(device, dtype)
     step_model = torch.compile(model) if compiled else model
-    data = batches(cfg, train_data, model_config.vocab_size, device)
+    # a few fixed batches: from the prepared dataset's train split, or random tokens without one
+    gen = torch.Generator().manual_seed(cfg["seed"])
+    if train_data is None:
+        train_data = torch.randint(model_config.vocab_size, (8 * cfg["batch_size"] * (cfg["block_size"] + 1),),
+                                   generator=gen).numpy()
+    data = batches(train_data, gen, cfg["batch_size"], cfg["block_size"], 8, device)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -181,22 +169,12 @@ if __name__ == "__main__":
     if cfg["synthetic"]:
         vocab_size = 50304
     else:
-        data_dir = os.path.join("data", cfg["dataset"])
-        if not os.path.exists(os.path.join(data_dir, "meta.json")):
-            fail(f"dataset {cfg['dataset']!r} is not prepared ({data_dir}/meta.json is missing); run prepare.py "
-                 f"or pass --synthetic=True")
         try:
-            meta = tok.read_meta(data_dir)
-        except tok.TokenizerError as e:
-            fail(str(e))
-        vocab_size, train_tokens = meta["vocab_size"], meta["train_tokens"]
-        train_bin = os.path.join(data_dir, "train.bin")
-        if not os.path.exists(train_bin):
-            fail(f"{train_bin} is missing; prepare the dataset again")
-        if train_tokens <= cfg["block_size"] + 1:
-            fail(f"block_size {cfg['block_size']} is longer than the train split ({train_tokens} tokens); "
-                 f"lower --block_size")
-        train_data = np.memmap(train_bin, dtype=meta["dtype"], mode="r")
+            dataset = Dataset(cfg["dataset"], cfg["block_size"])
+        except InputError as e:
+            fail(f"{e}; or measure on random tokens with --synthetic=True")
+        train_data = dataset.tokens("train")
+        vocab_size = dataset.meta["vocab_size"]
         vocab_size = (vocab_size + 63) // 64 * 64 if vocab_size > 1024 else vocab_size
     try:
         model_config = GPTConfig(**{f.name: cfg[f.name] for f in fields(GPTConfig) if f.name in cfg},

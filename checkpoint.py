@@ -30,6 +30,9 @@ No process gathers the whole model to save it. DCP reshards as it reads, so any 
 one, can read the directory back. DCP itself unpickles its index and any non-tensor value without limits;
 both are read here through loaders that admit only the index's own classes and plain data.
 A run keeps one checkpoint of each name: writing NAME.pt removes NAME.dcp, and the other way round.
+
+The sections below: the format and its atomic writes; sharded checkpoints; saving and restoring a whole
+run; the models a checkpoint, a Hugging Face folder or a GPT-2 size hold; finding a run's checkpoints.
 """
 import glob
 import hashlib
@@ -45,7 +48,10 @@ import torch
 import torch.distributed as dist
 
 import tokenizer as tok
-from model import GPT, GPTConfig, from_hf_gpt2
+from configurator import InputError
+from hf import load_gpt2
+from model import GPT, GPTConfig
+from optim import parts
 
 FORMAT = 2
 # Files written before FORMAT 2 hold numpy's RNG state as an ndarray of uint32. These are the globals
@@ -53,18 +59,10 @@ FORMAT = 2
 # wrote the first under its old module name.
 OLD_FORMAT_GLOBALS = [np.ndarray, np.dtype, np.dtypes.UInt32DType, np._core.multiarray._reconstruct,
                       (np._core.multiarray._reconstruct, "numpy.core.multiarray._reconstruct")]
-
-
 SUFFIXES = (".pt", ".dcp")  # a checkpoint file, or a sharded checkpoint's directory
-# What DCP's index (.metadata) is made of: its own dataclasses, sizes, dtypes and a layout's name
-DCP_INDEX_GLOBALS = {("torch.distributed.checkpoint.metadata", name) for name in (
-    "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata", "ChunkStorageMetadata",
-    "BytesStorageMetadata", "_MEM_FORMAT_ENCODING")} | {
-    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
-    ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath")}
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A checkpoint that cannot be used; the message says why and what to do."""
 
 
@@ -90,6 +88,54 @@ def write(state, path):
         os.fsync(f.fileno())
 
 
+def load(path):
+    """A checkpoint's contents, read as data only, or a CheckpointError saying why not."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"no checkpoint at {path}; train one first or point --out_dir (or --init_from) "
+                              f"at a run")
+    sharded = os.path.isdir(path)
+    # a sharded checkpoint is read from the directory its link names now, even if a save moves the link
+    directory = os.path.realpath(path) if sharded else None
+    if sharded and not os.path.exists(os.path.join(directory, ".metadata")):
+        raise CheckpointError(f"{path} is not a whole sharded checkpoint (it has no .metadata); point "
+                              f"--init_from at the NAME.dcp link that a run writes")
+    try:
+        with torch.serialization.safe_globals(OLD_FORMAT_GLOBALS):
+            ckpt = torch.load(os.path.join(directory, "state.pt") if sharded else path, map_location="cpu",
+                              weights_only=True)
+    except Exception as e:
+        unsafe = re.search(r"GLOBAL (\S+)", str(e)) if isinstance(e, pickle.UnpicklingError) else None
+        if unsafe:
+            raise CheckpointError(f"{path} contains Python objects that are not plain data ({unsafe[1]}); "
+                                  f"refusing to load it (it may run code)") from None
+        why = "damaged, or not written by torch.save" if isinstance(e, pickle.UnpicklingError) else reason(e)
+        raise CheckpointError(f"{path} is not a checkpoint of this project ({why})") from None
+    if not isinstance(ckpt, dict) or not {"model_args", "config", "meta"} <= ckpt.keys() or \
+            not (sharded or "model" in ckpt):
+        raise CheckpointError(f"{path} is not a checkpoint of this project (it lacks model_args, model, "
+                              f"config or meta)")
+    if sharded:
+        ckpt["sharded"] = directory  # model and optimizer stay on disk until read_sharded
+    return ckpt
+
+
+def reason(e):
+    """An exception in one line: the first process's, when DCP gathered them."""
+    if hasattr(e, "failures"):
+        e = next(iter(e.failures.values()))[0]
+    return f"{type(e).__name__}: " + next((line.strip() for line in str(e).splitlines() if line.strip()), "")[:300]
+
+
+# -----------------------------------------------------------------------------
+# sharded checkpoints (FSDP): one directory, every process writing its own shards
+# What DCP's index (.metadata) is made of: its own dataclasses, sizes, dtypes and a layout's name
+DCP_INDEX_GLOBALS = {("torch.distributed.checkpoint.metadata", name) for name in (
+    "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata", "ChunkStorageMetadata",
+    "BytesStorageMetadata", "_MEM_FORMAT_ENCODING")} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+    ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath")}
+
+
 def save_sharded(state, model, optimizer, path):
     """Write a sharded checkpoint, path being NAME.dcp. Every process calls this and writes its own shard
     of the model and optimizer into a new directory, which the symlink at path then points to. The
@@ -113,7 +159,7 @@ def save_sharded(state, model, optimizer, path):
     target = os.path.join(os.path.dirname(path), name or "")
     if not error:
         try:
-            model_state, optimizer_state = get_state_dict(model, optimizers_of(optimizer))
+            model_state, optimizer_state = get_state_dict(model, parts(optimizer))
             dcp.save({"model": untied(model, model_state), "optimizer": optimizer_state}, checkpoint_id=target)
         except (Exception, dcp.api.CheckpointException) as e:  # DCP gathers every process's: no Exception
             error = reason(e)
@@ -146,20 +192,6 @@ def linked(path):
     return os.path.realpath(path) if os.path.lexists(path) else None
 
 
-def stem(path):
-    """A checkpoint's path without its suffix: ckpt of ckpt.pt and of ckpt.dcp."""
-    for suffix in SUFFIXES:
-        path = path.removesuffix(suffix)
-    return path
-
-
-def existing(path):
-    """The checkpoint saved as path in either format (NAME.pt or NAME.dcp; the newer if a kill left both),
-    or path itself if there is neither."""
-    found = [stem(path) + suffix for suffix in SUFFIXES if os.path.exists(stem(path) + suffix)]
-    return max(found, key=os.path.getmtime) if found else path
-
-
 def remove(path):
     """Delete a checkpoint: a file; or a sharded checkpoint's link first, so that no reader finds it half
     deleted, then the directories it has pointed to (or the directory itself, in a copy)."""
@@ -178,11 +210,6 @@ def untied(model, state_dict):
     first = dict(model.named_parameters()).keys()
     tied = {name for name, _ in model.named_parameters(remove_duplicate=False)} - first
     return {name: t for name, t in state_dict.items() if name not in tied}
-
-
-def optimizers_of(optimizer):
-    """The torch optimizers inside model.Optimizers (Muon with AdamW), or the one given."""
-    return list(getattr(optimizer, "optimizers", [optimizer]))
 
 
 class IndexUnpickler(pickle.Unpickler):
@@ -245,67 +272,49 @@ def read_sharded(directory, state_dict, path=None, no_dist=False):
         raise CheckpointError(f"{path} does not fit this model ({reason(e)})") from None
 
 
-def reason(e):
-    """An exception in one line: the first process's, when DCP gathered them."""
-    if hasattr(e, "failures"):
-        e = next(iter(e.failures.values()))[0]
-    return f"{type(e).__name__}: " + next((line.strip() for line in str(e).splitlines() if line.strip()), "")[:300]
+# -----------------------------------------------------------------------------
+# a whole run: saved, and restored for an exact resume
+def save_run(state, model, optimizer, path):
+    """Save a run: state (what train.py writes out: iteration, config, meta, random states...) with the
+    model's weights and the optimizer's state. NAME.pt is one file, and only rank 0 should call this for
+    it; NAME.dcp is sharded, and every process calls it. A LoRA run (state has "lora") saves its adapters
+    alone: readers rebuild the base from where it came from."""
+    if path.endswith(".dcp"):
+        return save_sharded(state, model, optimizer, path)
+    weights = {name: p.detach() for name, p in model.adapters().items()} if "lora" in state else model.state_dict()
+    save({"model": weights, "optimizer": optimizer.state_dict(), **state}, path)
 
 
-def load(path):
-    """A checkpoint's contents, read as data only, or a CheckpointError saying why not."""
-    if not os.path.exists(path):
-        raise CheckpointError(f"no checkpoint at {path}; train one first or point --out_dir (or --init_from) "
-                              f"at a run")
-    sharded = os.path.isdir(path)
-    # a sharded checkpoint is read from the directory its link names now, even if a save moves the link
-    directory = os.path.realpath(path) if sharded else None
-    if sharded and not os.path.exists(os.path.join(directory, ".metadata")):
-        raise CheckpointError(f"{path} is not a whole sharded checkpoint (it has no .metadata); point "
-                              f"--init_from at the NAME.dcp link that a run writes")
-    try:
-        with torch.serialization.safe_globals(OLD_FORMAT_GLOBALS):
-            ckpt = torch.load(os.path.join(directory, "state.pt") if sharded else path, map_location="cpu",
-                              weights_only=True)
-    except Exception as e:
-        unsafe = re.search(r"GLOBAL (\S+)", str(e)) if isinstance(e, pickle.UnpicklingError) else None
-        if unsafe:
-            raise CheckpointError(f"{path} contains Python objects that are not plain data ({unsafe[1]}); "
-                                  f"refusing to load it (it may run code)") from None
-        why = "damaged, or not written by torch.save" if isinstance(e, pickle.UnpicklingError) else reason(e)
-        raise CheckpointError(f"{path} is not a checkpoint of this project ({why})") from None
-    if not isinstance(ckpt, dict) or not {"model_args", "config", "meta"} <= ckpt.keys() or \
-            not (sharded or "model" in ckpt):
-        raise CheckpointError(f"{path} is not a checkpoint of this project (it lacks model_args, model, "
-                              f"config or meta)")
-    if sharded:
-        ckpt["sharded"] = directory  # model and optimizer stay on disk until read_sharded
-    return ckpt
+def restore_run(ckpt, model, optimizer, scaler, sampler, device_type):
+    """Put back what save_run saved beside the model: the optimizer's state (either of them sharded or
+    not), the loss scaler's, the batch sampler's generator, and this process's random streams. Resumed with
+    another number of processes, each keeps the seeds the run set instead."""
+    restore_optimizer(ckpt, model, optimizer)
+    if "scaler" in ckpt:
+        scaler.load_state_dict(ckpt["scaler"])
+    sampler.set_state(ckpt["rng"]["sampler"])
+    ranks = ckpt["rng"]["ranks"]
+    world_size, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
+    if len(ranks) == world_size:
+        set_rng_state(ranks[rank], cuda=device_type == "cuda")
 
 
-def model_from(ckpt, path, merge=True, **overrides):
-    """The GPT a checkpoint holds, with its weights; overrides change GPTConfig fields such as dropout.
-    A LoRA run's adapters are put on its base and, unless merge=False (to train them on), merged into it."""
-    if "lora" in ckpt:
-        return adapted_base(ckpt, path, merge, overrides.get("dropout", ckpt["model_args"]["dropout"]))
-    try:
-        model = GPT(GPTConfig(**{**ckpt["model_args"], **overrides}))
-        if "sharded" in ckpt:  # each process reads every shard
-            read_sharded(ckpt["sharded"], {"model": untied(model, model.state_dict())}, path, no_dist=True)
-        else:
-            model.load_state_dict(ckpt["model"])
-    except CheckpointError:
-        raise
-    except Exception as e:
-        raise CheckpointError(f"{path} is not a checkpoint this model can load ({reason(e)})") from None
-    return model
+def rng_states(device_type):
+    """Every process's random states, gathered for saving: each process draws its own dropout masks, so
+    an exact resume needs them all. Every process must call this."""
+    state = rng_state(cuda=device_type == "cuda")
+    if not dist.is_initialized():
+        return [state]
+    states = [None] * dist.get_world_size()
+    dist.all_gather_object(states, state)
+    return states
 
 
 def restore_optimizer(ckpt, model, optimizer):
     """Put a checkpoint's optimizer state into the optimizer of model, either of them sharded or not."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
     from torch.distributed.tensor import DTensor, distribute_tensor
-    optimizers = optimizers_of(optimizer)
+    optimizers = parts(optimizer)
     scales = [group.get("lr_scale") for group in optimizer.param_groups]  # as configured now: muon_lr may change
     if "sharded" in ckpt:  # DCP reads each process's part, whatever the number of processes that wrote it
         state = get_optimizer_state_dict(model, optimizers)
@@ -324,6 +333,43 @@ def restore_optimizer(ckpt, model, optimizer):
     for group, scale in zip(optimizer.param_groups, scales, strict=True):
         if scale is not None:
             group["lr_scale"] = scale
+
+
+def rng_state(cuda=False):
+    """This process's random states as plain values: numpy's key array becomes a list of ints."""
+    name, key, pos, has_gauss, gauss = np.random.get_state()
+    return {"python": random.getstate(), "numpy": (name, key.tolist(), pos, has_gauss, gauss),
+            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if cuda else None}
+
+
+def set_rng_state(state, cuda=False):
+    """Restore what rng_state saved (or what a checkpoint from before FORMAT 2 holds)."""
+    random.setstate(state["python"])
+    name, key, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, np.asarray(key, dtype=np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if cuda and state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+# -----------------------------------------------------------------------------
+# model sources: a checkpoint (a LoRA run's on its base), hf:FOLDER, a GPT-2 size
+def model_from(ckpt, path, merge=True, **overrides):
+    """The GPT a checkpoint holds, with its weights; overrides change GPTConfig fields such as dropout.
+    A LoRA run's adapters are put on its base and, unless merge=False (to train them on), merged into it."""
+    if "lora" in ckpt:
+        return adapted_base(ckpt, path, merge, overrides.get("dropout", ckpt["model_args"]["dropout"]))
+    try:
+        model = GPT(GPTConfig(**{**ckpt["model_args"], **overrides}))
+        if "sharded" in ckpt:  # each process reads every shard
+            read_sharded(ckpt["sharded"], {"model": untied(model, model.state_dict())}, path, no_dist=True)
+        else:
+            model.load_state_dict(ckpt["model"])
+    except CheckpointError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f"{path} is not a checkpoint this model can load ({reason(e)})") from None
+    return model
 
 
 def adapted_base(ckpt, path, merge, dropout):
@@ -348,25 +394,39 @@ def base_model(source, dropout=0.0):
     """The model init_from names: a checkpoint file (merged, if it is a LoRA run), hf:FOLDER or a GPT-2 size."""
     if source.endswith(SUFFIXES):
         return model_from(load(source), source, dropout=dropout)
-    return hf_gpt2(source, dropout)
+    return load_gpt2(source, dropout)
 
 
-def hf_gpt2(source, dropout=0.0):
-    """GPT-2 weights from a local Hugging Face folder (hf:FOLDER) or from the hub by name."""
-    folder = source.removeprefix("hf:") if source.startswith("hf:") else ""
-    if not folder:
-        try:
-            from huggingface_hub import snapshot_download
-            folder = snapshot_download(source, allow_patterns=["config.json", "model.safetensors"])
-        except Exception as e:
-            raise CheckpointError(f"could not download {source} from the Hugging Face hub ({type(e).__name__}); "
-                                  f"without internet, copy its folder here and use --init_from=hf:FOLDER") from None
-    if not os.path.exists(os.path.join(folder, "config.json")):
-        raise CheckpointError(f"{folder} is not a Hugging Face model folder (no config.json)")
-    try:
-        return from_hf_gpt2(folder, dropout)
-    except (ValueError, KeyError, OSError) as e:
-        raise CheckpointError(f"could not import {folder}: {e}") from None
+def model_for(ckpt, path, meta, dataset, block_size, **overrides):
+    """The model of a checkpoint, to train or evaluate on a dataset of meta.json meta: refused unless it was
+    trained with the dataset's tokenizer and its context holds block_size tokens."""
+    theirs = ckpt["meta"]
+    if any(theirs.get(k) != meta.get(k) for k in ("tokenizer", "vocab_size", "tokenizer_sha256", "chars")):
+        raise CheckpointError(f"{path} was trained with a {theirs.get('tokenizer')} tokenizer of "
+                              f"{theirs.get('vocab_size')} ids, but dataset {dataset!r} uses {meta['tokenizer']} "
+                              f"with {meta['vocab_size']}; use a dataset prepared with the checkpoint's tokenizer")
+    if block_size > ckpt["model_args"].get("block_size", 0):
+        raise CheckpointError(f"block_size {block_size} exceeds the checkpoint's "
+                              f"{ckpt['model_args'].get('block_size')}; lower --block_size")
+    return model_from(ckpt, path, **overrides)
+
+
+def pretrained(source, meta, dataset, block_size, dropout):
+    """The model init_from names to fine-tune on a dataset of meta.json meta: a checkpoint, hf:FOLDER or
+    a GPT-2 size, checked as model_for checks."""
+    if source.endswith(SUFFIXES):
+        return model_for(load(source), source, meta, dataset, block_size, dropout=dropout)
+    if meta["tokenizer"] != "gpt2":
+        raise CheckpointError(f"GPT-2 weights need a dataset prepared with the gpt2 tokenizer, but {dataset!r} "
+                              f"uses {meta['tokenizer']}; run python prepare.py --tokenizer=gpt2")
+    gpt2 = load_gpt2(source, dropout)
+    if gpt2.config.vocab_size < meta["vocab_size"]:
+        raise CheckpointError(f"{source} has {gpt2.config.vocab_size} token embeddings, but dataset {dataset!r} "
+                              f"uses {meta['vocab_size']} token ids; use a GPT-2 checkpoint with GPT-2's vocabulary")
+    if block_size > gpt2.config.block_size:
+        raise CheckpointError(f"block_size {block_size} exceeds the model's {gpt2.config.block_size}; "
+                              f"lower --block_size")
+    return gpt2
 
 
 def weights_sha256(model):
@@ -387,6 +447,22 @@ def tokenizer_from(ckpt):
         raise CheckpointError(str(e)) from None
 
 
+# -----------------------------------------------------------------------------
+# finding a run's checkpoints
+def stem(path):
+    """A checkpoint's path without its suffix: ckpt of ckpt.pt and of ckpt.dcp."""
+    for suffix in SUFFIXES:
+        path = path.removesuffix(suffix)
+    return path
+
+
+def existing(path):
+    """The checkpoint saved as path in either format (NAME.pt or NAME.dcp; the newer if a kill left both),
+    or path itself if there is neither."""
+    found = [stem(path) + suffix for suffix in SUFFIXES if os.path.exists(stem(path) + suffix)]
+    return max(found, key=os.path.getmtime) if found else path
+
+
 def find(out_dir, name):
     """out_dir/name, or with no out_dir the most recently written checkpoint of that name under checkpoint/
     (ckpt.pt also finds a sharded run's ckpt.dcp)."""
@@ -405,20 +481,3 @@ def open_run(out_dir, name):
     path = find(out_dir, name)
     ckpt = load(path)
     return model_from(ckpt, path), tokenizer_from(ckpt), path
-
-
-def rng_state(cuda=False):
-    """This process's random states as plain values: numpy's key array becomes a list of ints."""
-    name, key, pos, has_gauss, gauss = np.random.get_state()
-    return {"python": random.getstate(), "numpy": (name, key.tolist(), pos, has_gauss, gauss),
-            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if cuda else None}
-
-
-def set_rng_state(state, cuda=False):
-    """Restore what rng_state saved (or what a checkpoint from before FORMAT 2 holds)."""
-    random.setstate(state["python"])
-    name, key, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((name, np.asarray(key, dtype=np.uint32), pos, has_gauss, gauss))
-    torch.set_rng_state(state["torch"])
-    if cuda and state["cuda"] is not None:
-        torch.cuda.set_rng_state(state["cuda"])

@@ -8,19 +8,41 @@ assignments override the script's defaults; --key=value overrides one key, the
 value parsed with ast.literal_eval (a bare word is taken as a string), and a bare
 --key sets a boolean key to True. A value
 must have the type of the default it replaces (an int may stand for a float).
-Every mistake ends the program with one line that says what to do instead.
+
+Every mistake ends the program with one line that says what to do instead, and exit status 2: fail()
+where a script checks its input itself, or an InputError raised anywhere below it (a checkpoint, a
+tokenizer file, a dataset the user named), which report() turns into that line. Any other exception is a
+bug, and keeps its traceback.
 """
 import ast
+import atexit
 import contextlib
 import difflib
 import os
 import sys
 
 
+class InputError(ValueError):
+    """Input the user can fix: the message says what is wrong and what to do."""
+
+
 def fail(message):
     """Stop with one line on stderr and exit status 2: the house style for bad input."""
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
+
+
+def report(kind, error, traceback):
+    """sys.excepthook of every script: an InputError that nothing caught ends the program as fail() does."""
+    if not issubclass(kind, InputError):
+        return sys.__excepthook__(kind, error, traceback)
+    print(f"error: {error}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    atexit._run_exitfuncs()  # as the interpreter would on its way out; it would exit 1, and bad input is 2
+    os._exit(2)
+
+
+sys.excepthook = report
 
 
 def _unknown_key(key, defaults):

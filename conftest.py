@@ -41,6 +41,9 @@ def _run_script(script, args, cwd, env, stdout_path, stderr_path):
     sys.path.insert(0, os.path.dirname(script))
     try:
         runpy.run_path(script, run_name="__main__")
+    except Exception:  # what nothing caught goes to sys.excepthook, as in the interpreter (multiprocessing
+        sys.excepthook(*sys.exc_info())  # would print it itself): configurator.report's one line for bad input
+        raise SystemExit(1) from None
     finally:
         atexit._run_exitfuncs()  # as the interpreter does on its way out (wandb finishes its run here)
 

@@ -19,7 +19,8 @@ import sys
 
 import checkpoint as ckpt
 from configurator import configure, defaults_from, fail
-from model import GPTConfig, to_hf_gpt2, to_peft_adapter
+from hf import to_hf_gpt2, to_peft_adapter
+from model import GPTConfig
 
 # -----------------------------------------------------------------------------
 out_dir = ""  # the run to export; default: the newest under checkpoint/
@@ -35,16 +36,13 @@ if __name__ == "__main__":
     written = "adapter_model.safetensors" if adapter_only else "model.safetensors"
     if os.path.exists(os.path.join(to, written)):
         fail(f"{to} already holds a {'PEFT adapter' if adapter_only else 'model'}; choose an empty --to folder")
-    try:
-        path = ckpt.find(out_dir, checkpoint_name)
-        state = ckpt.load(path)
-        tokenizer = ckpt.tokenizer_from(state)
-        if adapter_only and "lora" not in state:
-            fail(f"{path} is not a LoRA run (it holds all of its weights); --adapter_only exports the adapters "
-                 f"of a run trained with lora_rank > 0")
-        model = None if adapter_only else ckpt.model_from(state, path)
-    except ckpt.CheckpointError as e:
-        fail(str(e))
+    path = ckpt.find(out_dir, checkpoint_name)
+    state = ckpt.load(path)
+    tokenizer = ckpt.tokenizer_from(state)
+    if adapter_only and "lora" not in state:
+        fail(f"{path} is not a LoRA run (it holds all of its weights); --adapter_only exports the adapters "
+             f"of a run trained with lora_rank > 0")
+    model = None if adapter_only else ckpt.model_from(state, path)
     try:
         if adapter_only:
             to_peft_adapter(state["model"], state["lora"], GPTConfig(**state["model_args"]), to)

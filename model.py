@@ -1,5 +1,5 @@
 """
-The GPT, all in one file: the only code that knows the architecture, and its optimizers.
+The GPT, all in one file: the only code that knows the architecture.
 
 A decoder-only transformer in the GPT-2 mould (Radford et al. 2019): token
 embeddings, pre-norm blocks of causal self-attention and an MLP, a final norm,
@@ -9,20 +9,18 @@ each later choice is one GPTConfig field:
   pos      learned position embeddings | rope, rotary embeddings of queries and keys (Su et al. 2021)
   mlp      gelu | swiglu, a gated MLP (Shazeer 2020) | relu2, squared ReLU (So et al. 2021)
   qk_norm  RMSNorm of each head's queries and keys (Dehghani et al. 2023)
-Training uses AdamW, or Muon for the hidden matrices (Jordan et al. 2024) with AdamW for the rest.
+Training uses AdamW, or Muon (optim.py) for the hidden matrices with AdamW for the rest.
 Fine-tuning may instead train LoRA adapters (Hu et al. 2021) beside chosen matmuls of a frozen model.
 Under torchrun the model may be sharded across processes with FSDP2 (Zhao et al. 2023): GPT.shard.
 """
-import json
 import math
-import os
-import pickle
-from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+
+from optim import Muon, Optimizers
 
 CHOICES = {"norm": ("layernorm", "rmsnorm"), "pos": ("learned", "rope"), "mlp": ("gelu", "swiglu", "relu2")}
 
@@ -86,10 +84,9 @@ class Linear(nn.Linear):
     """nn.Linear, with a faster product for the few rows (up to 8) of a generation step on the CPU.
 
     A step of generation multiplies each fp32 weight by one vector per sequence, so its speed is how fast
-    the weight streams from memory. MKL does that product on one thread, at about 13 GB/s on 2 EPYC cores.
-    Cut into one block of rows per thread and done as a batched product, the same weight streams at about
-    24 GB/s, near the 29 GB/s of a plain sum over memory: 1.8x faster for one row, 1.2-2.2x up to 8.
-    bf16 weights gain nothing that way, and keep the usual path."""
+    the weight streams from memory. MKL does that matrix-vector product on one thread; cut into one block
+    of rows per thread and done as one batched product, the weight streams on every core (RESULTS.md has
+    the figures). bf16 weights gain nothing that way, and keep the usual path."""
 
     def forward(self, x):
         w, blocks = self.weight, torch.get_num_threads()
@@ -279,7 +276,7 @@ class GPT(nn.Module):
             {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0},
         ]
         # fused AdamW updates all parameters in one kernel, on CUDA and (since torch 2.4) on the CPU, where
-        # it is 5x faster than foreach for the 10M-parameter char model; other devices batch with foreach
+        # it beats foreach by a wide margin; other devices batch with foreach
         extra = {"fused": True} if device_type in ("cuda", "cpu") else {"foreach": True}
         adamw = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **extra)
         if not hidden:
@@ -298,7 +295,10 @@ class GPT(nn.Module):
         and the embedding, final norm and head form the last unit. Each process then holds 1/N of the
         parameters and of what the optimizer keeps. With param_dtype (bf16), the gathered weights are in
         that dtype and gradients are averaged across processes in fp32."""
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # imported here: it takes 0.4 s
+        from torch.distributed.fsdp import (  # imported here: slow to import, and only fsdp needs it
+            MixedPrecisionPolicy,
+            fully_shard,
+        )
         policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
         for block in self.transformer.h:
             fully_shard(block, mesh=mesh, mp_policy=policy)
@@ -370,7 +370,7 @@ class GPT(nn.Module):
         a block, and with use_cache the cache is refilled from that window, so cached and recomputed
         generation condition on the same tokens. temperature 0 is greedy. A row that emits eot_token
         keeps emitting it; generation stops when every row has. Inference mode skips autograd's bookkeeping
-        on each of a token's 300-odd small operations, about 5% of a CPU's time per token.
+        on each of a token's few hundred small operations.
         """
         block = self.config.block_size
         start = max(0, idx.size(1) - block)  # first token inside the window
@@ -404,98 +404,6 @@ class GPT(nn.Module):
             return idx.clone()
 
 
-def orthogonalize(G, steps=5):
-    """Roughly the orthogonal factor U V^T of G = U S V^T, for a batch of matrices G (N, m, n) with m <= n:
-    a quintic Newton-Schulz iteration whose coefficients make the small singular values grow fast
-    (Jordan et al. 2024). It leaves them between about 0.7 and 1.2 rather than exactly 1, which trains
-    as well. Works in G's dtype."""
-    a, b, c = 3.4445, -4.7750, 2.0315
-    X = G / (G.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # singular values into [0, 1]
-    for _ in range(steps):
-        A = X @ X.mT
-        X = a * X + (b * A + c * A @ A) @ X
-    return X
-
-
-class Muon(torch.optim.Optimizer):
-    """MomentUm Orthogonalized by Newton-Schulz (Jordan et al. 2024): SGD with Nesterov momentum whose
-    update, for each 2-D matrix, is replaced by the nearest orthogonal matrix, so every direction of the
-    update moves at the same rate. For hidden matrices only; embeddings, head and gains stay with AdamW.
-
-    A group's `stacked` says how many matrices each parameter stacks along its rows (3 for attention's
-    q, k, v); each is orthogonalised on its own. All matrices of one shape go through one batched
-    iteration: on a CPU, orthogonalising many small matrices one by one costs more in overhead than in
-    arithmetic. `dtype` is the iteration's: bf16 only where it is fast, as with dtype=auto.
-
-    Under FSDP a process holds only some rows of each matrix, and its momentum for them; orthogonalising
-    needs the whole update, so every process gathers it, orthogonalises it as one process would, and
-    applies its own rows."""
-
-    def __init__(self, params, lr=0.02, momentum=0.95, weight_decay=0.0, dtype=torch.float32):
-        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, stacked=1))
-        self.dtype = dtype
-
-    @torch.no_grad()
-    def step(self, closure=None):  # closure: torch.distributed.checkpoint calls step(closure=None)
-        from torch.distributed.tensor import DTensor, distribute_tensor  # FSDP's sharded tensors
-        for group in self.param_groups:
-            stacked = group["stacked"]
-            # matrices orthogonalised in one batch: those of one shape, the iteration wanting rows <= cols;
-            # under FSDP each whole matrix alone, so that a process never holds more than one
-            batches = defaultdict(list)
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
-                buf.lerp_(p.grad, 1 - group["momentum"])
-                rows, cols = p.size(0) // stacked, p.size(1)
-                batches[id(p) if isinstance(p, DTensor) else (min(rows, cols), max(rows, cols))].append(p)
-            for members in batches.values():
-                updates = []
-                for p in members:
-                    update = p.grad.lerp(self.state[p]["momentum_buffer"], group["momentum"])  # Nesterov
-                    if isinstance(update, DTensor):
-                        update = update.full_tensor()
-                    update = update.view(stacked, -1, p.size(1))  # (stacked, out, in)
-                    updates.append(update.mT if update.size(1) > update.size(2) else update)
-                ortho = orthogonalize(torch.cat(updates).to(self.dtype))
-                for p, o in zip(members, ortho.split(stacked), strict=True):
-                    out_features = p.size(0) // stacked
-                    o = (o.mT if out_features > p.size(1) else o).reshape(p.shape).to(p.dtype)
-                    if isinstance(p, DTensor):  # every process computed the same o: keep its own rows
-                        o = distribute_tensor(o, p.device_mesh, p.placements, src_data_rank=None)
-                    # a tall matrix's update gets larger, as in Jordan et al.'s reference implementation
-                    scale = math.sqrt(max(1.0, out_features / p.size(1)))
-                    p.mul_(1 - group["lr"] * group["weight_decay"])
-                    p.add_(o, alpha=-group["lr"] * scale)
-
-
-class Optimizers:
-    """Several optimizers stepped as one, so the training loop needs no loop over them."""
-
-    def __init__(self, *optimizers):
-        self.optimizers = optimizers
-
-    @property
-    def param_groups(self):
-        return [group for opt in self.optimizers for group in opt.param_groups]
-
-    def step(self):
-        for opt in self.optimizers:
-            opt.step()
-
-    def zero_grad(self, set_to_none=True):
-        for opt in self.optimizers:
-            opt.zero_grad(set_to_none=set_to_none)
-
-    def state_dict(self):
-        return {"optimizers": [opt.state_dict() for opt in self.optimizers]}
-
-    def load_state_dict(self, state):
-        for opt, s in zip(self.optimizers, state["optimizers"], strict=True):
-            opt.load_state_dict(s)
-
-
 def sample_next(logits, temperature, top_k, top_p, generator=None):
     """One token per row from logits (B, V): greedy at temperature 0, else softmax sampling
     restricted to the top_k most likely tokens and to the smallest set holding top_p of the mass."""
@@ -512,103 +420,3 @@ def sample_next(logits, temperature, top_k, top_p, generator=None):
         drop_sorted = cumulative - sorted_logits.softmax(dim=-1) >= top_p
         logits = logits.masked_fill(drop_sorted.scatter(1, order, drop_sorted), float("-inf"))
     return torch.multinomial(logits.softmax(dim=-1), num_samples=1, generator=generator)
-
-
-# -----------------------------------------------------------------------------
-# Hugging Face GPT-2 checkpoints, both ways. GPT-2 is this architecture with layernorm, biases,
-# tanh-approximated GELU ("gelu_new") and learned positions; its matmul weights are stored as
-# Conv1D, shaped (in, out): the transpose of nn.Linear's.
-HF_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-# config.json settings under which GPT2LMHeadModel computes something this architecture does not, with
-# the value that matches it: another activation, attention scores not scaled by 1/sqrt(head size) or also
-# by 1/layer, cross-attention to an encoder, an output head of its own
-GPT2_AS_HERE = {"activation_function": "gelu_new", "scale_attn_weights": True,
-                "scale_attn_by_inverse_layer_idx": False, "add_cross_attention": False, "tie_word_embeddings": True}
-
-
-def from_hf_gpt2(folder, dropout=0.0):
-    """A GPT from a Hugging Face GPT-2 folder: config.json plus model.safetensors or pytorch_model.bin."""
-    with open(os.path.join(folder, "config.json")) as f:
-        hf = json.load(f)
-    if hf.get("model_type") != "gpt2":
-        raise ValueError(f"{folder} holds a {hf.get('model_type')} model; only GPT-2 checkpoints can be imported")
-    other = [f"{k}={hf[k]}" for k, v in GPT2_AS_HERE.items() if hf.get(k, v) != v]
-    if other:
-        raise ValueError(f"{folder} is a GPT-2 with {', '.join(other)}, which this model does not compute; "
-                         f"only plain GPT-2 checkpoints can be imported")
-    weights = os.path.join(folder, "model.safetensors")
-    if os.path.exists(weights):
-        from safetensors.torch import load_file
-        state = load_file(weights)
-    else:
-        try:
-            state = torch.load(os.path.join(folder, "pytorch_model.bin"), map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError:
-            raise ValueError(f"{folder}/pytorch_model.bin contains Python objects that are not plain data; "
-                             f"refusing to load it (it may run code)") from None
-    state = {k.removeprefix("transformer."): v for k, v in state.items()}
-    config = GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
-                       n_head=hf["n_head"], n_embd=hf["n_embd"], dropout=dropout, bias=True, norm="layernorm",
-                       norm_eps=hf.get("layer_norm_epsilon", 1e-5), mlp_hidden=hf.get("n_inner") or 0)
-    model = GPT(config)
-    with torch.no_grad():
-        for name, p in model.state_dict().items():
-            if name == "lm_head.weight":
-                continue  # tied to wte
-            w = state[name.removeprefix("transformer.")]
-            p.copy_(w.t() if name.endswith(HF_TRANSPOSED) else w)
-    return model
-
-
-def check_gpt2_can_hold(c):
-    """A ValueError unless GPT2LMHeadModel can compute the model of GPTConfig c."""
-    beyond = [f"{key}={getattr(c, key)}" for key, gpt2 in (("norm", "layernorm"), ("pos", "learned"), ("mlp", "gelu"),
-                                                          ("qk_norm", False)) if getattr(c, key) != gpt2]
-    if beyond:
-        raise ValueError(f"GPT-2 cannot hold a model with {', '.join(beyond)}; only layernorm, learned positions, "
-                         f"a gelu MLP and no qk_norm can be exported")
-
-
-def to_hf_gpt2(model, folder, eot_token=None):
-    """Write model as a Hugging Face GPT-2 folder that GPT2LMHeadModel.from_pretrained loads."""
-    from safetensors.torch import save_file
-    c = model.config
-    check_gpt2_can_hold(c)
-    state = {}
-    for name, p in model.state_dict().items():
-        if name == "lm_head.weight":
-            continue  # transformers ties it to wte itself
-        state[name] = (p.t() if name.endswith(HF_TRANSPOSED) else p).contiguous()
-    if not c.bias:  # GPT-2 always has biases: zeros compute the same function
-        for name, p in list(state.items()):
-            if name.endswith("weight") and ("ln_" in name or name.endswith(HF_TRANSPOSED)):
-                out_features = p.shape[-1] if name.endswith(HF_TRANSPOSED) else p.shape[0]
-                state[name[:-len("weight")] + "bias"] = torch.zeros(out_features, dtype=p.dtype)
-    hf = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": c.vocab_size,
-          "n_positions": c.block_size, "n_embd": c.n_embd, "n_layer": c.n_layer, "n_head": c.n_head,
-          "n_inner": c.mlp_hidden or None, "activation_function": "gelu_new", "layer_norm_epsilon": c.norm_eps,
-          "resid_pdrop": c.dropout, "embd_pdrop": c.dropout, "attn_pdrop": c.dropout,
-          "tie_word_embeddings": True, "bos_token_id": eot_token, "eos_token_id": eot_token}
-    os.makedirs(folder, exist_ok=True)
-    save_file({k: v.detach().cpu().float() for k, v in state.items()}, os.path.join(folder, "model.safetensors"),
-              metadata={"format": "pt"})
-    with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(hf, f, indent=1)
-
-
-def to_peft_adapter(adapters, lora, config, folder):
-    """Write LoRA adapters (GPT.adapters() of a model of GPTConfig config, trained with the settings in lora)
-    as a PEFT adapter folder, which peft.PeftModel.from_pretrained puts on the base's GPT2LMHeadModel.
-    The factors need no transpose: PEFT keeps A (rank, in) and B (out, rank) for GPT-2's Conv1D too, and
-    fan_in_fan_out tells it that the base weight beside them is stored (in, out)."""
-    from safetensors.torch import save_file
-    check_gpt2_can_hold(config)
-    peft_config = {"peft_type": "LORA", "task_type": "CAUSAL_LM",
-                   "base_model_name_or_path": lora["base"].removeprefix("hf:"),
-                   "r": lora["rank"], "lora_alpha": lora["alpha"], "lora_dropout": lora["dropout"],
-                   "target_modules": lora["targets"], "fan_in_fan_out": True, "bias": "none", "inference_mode": True}
-    state = {f"base_model.model.{name}.weight": p.detach().cpu().float().contiguous() for name, p in adapters.items()}
-    os.makedirs(folder, exist_ok=True)
-    save_file(state, os.path.join(folder, "adapter_model.safetensors"), metadata={"format": "pt"})
-    with open(os.path.join(folder, "adapter_config.json"), "w") as f:
-        json.dump(peft_config, f, indent=1)

@@ -54,10 +54,7 @@ if __name__ == "__main__":
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
 
-    try:
-        model, tokenizer, path = ckpt.open_run(out_dir, checkpoint_name)
-    except ckpt.CheckpointError as e:
-        fail(str(e))
+    model, tokenizer, path = ckpt.open_run(out_dir, checkpoint_name)
     model.eval().to(device)
     # each new token reads every weight once, so generation is bound by memory traffic: weights stored in
     # half precision halve it, where autocast would convert every weight again for every token
@@ -71,12 +68,6 @@ if __name__ == "__main__":
             return tokenizer.encode(text)
         except tok.TokenizerError as e:
             raise tok.TokenizerError(f"the prompt cannot be encoded: {e}") from None
-
-    def encode_or_fail(text):
-        try:
-            return encode(text)
-        except tok.TokenizerError as e:
-            fail(str(e))
 
     def complete(ids):
         """The new tokens after ids, up to max_new_tokens, stopping before end-of-text."""
@@ -95,7 +86,7 @@ if __name__ == "__main__":
             assert isinstance(texts, list) and all(isinstance(t, str) for t in texts)
         except (OSError, ValueError, AssertionError):
             fail(f"--prompts={prompts} must be a readable JSON file holding a list of strings")
-        encoded = [encode_or_fail(t) for t in texts]  # refuse bad prompts before any work or output
+        encoded = [encode(t) for t in texts]  # refuse bad prompts before any work or output
         with open(out + ".tmp", "w", encoding="utf-8") as f:
             for text, ids in zip(texts, encoded, strict=True):
                 f.write(json.dumps({"prompt": text, "completion": tokenizer.decode(complete(ids)), **settings},
@@ -127,7 +118,7 @@ if __name__ == "__main__":
         except (EOFError, KeyboardInterrupt):
             print()
     else:
-        ids = encode_or_fail(read_prompt(start))
+        ids = encode(read_prompt(start))
         print(f"sampling from {path}", file=sys.stderr)
         for _ in range(num_samples):
             print(tokenizer.decode(ids + complete(ids)))

@@ -6,7 +6,9 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from model import GPT, GPTConfig, Muon, Optimizers, orthogonalize, rotary_tables, rotate, to_hf_gpt2
+from hf import to_hf_gpt2
+from model import GPT, GPTConfig, rotary_tables, rotate
+from optim import Muon, Optimizers, orthogonalize
 
 BLOCKS = [dict(pos="rope"), dict(mlp="swiglu"), dict(mlp="relu2"), dict(qk_norm=True),
           dict(pos="rope", mlp="swiglu", qk_norm=True, norm="rmsnorm")]

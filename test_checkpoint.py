@@ -16,7 +16,8 @@ import torch
 
 import checkpoint as ckpt
 import conftest
-from model import from_hf_gpt2
+from hf import from_hf_gpt2
+from optim import parts
 
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
 TINY = ["--dataset=shakespeare_char", "--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32",
@@ -228,7 +229,7 @@ def test_malicious_sharded_checkpoint_is_refused_before_it_runs(work):
     (work / "evil_index" / "ckpt.dcp" / ".metadata").write_bytes(pickle.dumps(RunsCode()))
     # the optimizer state as a resumed run asks DCP for it, one learning rate replaced by code
     model = ckpt.model_from(state, "run")
-    optimizer = ckpt.optimizers_of(model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu"))
+    optimizer = parts(model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu"))
     optimizer_state = get_optimizer_state_dict(model, optimizer)
     optimizer_state["param_groups"][0]["lr"] = RunsCode()
     write_sharded(state, work / "evil_value", optimizer_state)

@@ -24,7 +24,8 @@ sys.path.insert(0, REPO)
 import conftest  # noqa: E402
 from configurator import configure  # noqa: E402
 from conftest import read_log  # noqa: E402
-from model import GPT, HF_TRANSPOSED, GPTConfig, from_hf_gpt2, to_hf_gpt2  # noqa: E402
+from hf import HF_TRANSPOSED, from_hf_gpt2, to_hf_gpt2  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 

@@ -11,7 +11,8 @@ import torch
 
 import checkpoint as ckpt
 import conftest
-from model import GPT, LORA_TARGETS, GPTConfig, to_hf_gpt2
+from hf import to_hf_gpt2
+from model import GPT, LORA_TARGETS, GPTConfig
 
 TINY = ["--dataset=shakespeare_char", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32",
         "--batch_size=4", "--eval_iters=2", "--log_interval=1", "--device=cpu", "--dtype=float32", "--plot=False",

@@ -20,12 +20,14 @@ from dataclasses import dataclass
 
 import tiktoken
 
+from configurator import InputError
+
 EOT = "<|endoftext|>"
 # GPT-2's pre-tokenisation regex: contractions, letters, digits, other symbols, whitespace
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
 
-class TokenizerError(ValueError):
+class TokenizerError(InputError):
     """Text or a tokenizer description that cannot be used; the message says why."""
 
 

@@ -15,12 +15,9 @@ Everything a later run needs lands in out_dir: ckpt.pt (latest), best.pt (best
 validation loss), log.jsonl (metrics) and eval.json (the final full evaluation).
 Under fsdp the checkpoints are sharded: ckpt.dcp and best.dcp.
 """
-import io
 import json
 import math
-import netrc
 import os
-import resource
 import signal
 import sys
 import time
@@ -28,17 +25,18 @@ from contextlib import nullcontext
 from dataclasses import fields
 from datetime import timedelta
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import checkpoint as ckpt
-import tokenizer as tok
 from bench import measure_peak_flops
 from configurator import autocast, defaults_from, fail, overrides, resolve_device, resolve_dtype
+from dataloader import Dataset, batches
+from evaluate import all_reduce_sum, estimate_loss, evaluate_split
 from model import GPT, GPTConfig
+from runlog import RunLog, memory_report
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -115,14 +113,10 @@ defaults = defaults_from(globals())
 given = overrides(defaults, sys.argv[1:])
 config = {**defaults, **given}
 resuming = config["init_from"] == "resume" or (config["eval_only"] and config["init_from"] == "scratch")
-ckpt_path = ckpt.existing(os.path.join(config["out_dir"], "ckpt.pt"))  # or the ckpt.dcp of a sharded run
-checkpoint = None
+resume_path = ckpt.existing(os.path.join(config["out_dir"], "ckpt.pt"))  # or the ckpt.dcp of a sharded run
+saved = ckpt.load(resume_path) if resuming else None  # the run's state, until it is restored
 if resuming:
-    try:
-        checkpoint = ckpt.load(ckpt_path)
-    except ckpt.CheckpointError as e:
-        fail(str(e))
-    config = {**defaults, **{k: v for k, v in checkpoint["config"].items() if k in defaults},
+    config = {**defaults, **{k: v for k, v in saved["config"].items() if k in defaults},
               "out_dir": config["out_dir"], "init_from": "resume", "eval_only": config["eval_only"]}
     for key, value in given.items():
         if key in MAY_CHANGE_ON_RESUME:
@@ -183,6 +177,7 @@ if parallel == "fsdp":
         fail("parallel=fsdp does not shard LoRA runs, whose frozen base is the bulk; use --parallel=ddp")
     # a sharded run resumed in one process: nothing to shard, and its checkpoints say so
     parallel = config["parallel"] = "fsdp" if distributed else "ddp"
+ckpt_path = os.path.join(out_dir, "ckpt" + (".dcp" if parallel == "fsdp" else ".pt"))  # where this run saves
 
 # -----------------------------------------------------------------------------
 # processes and devices
@@ -219,131 +214,29 @@ def log(*args):
 
 
 # -----------------------------------------------------------------------------
-# data: token files written by prepare.py, described by meta.json
-try:
-    data_dir = tok.dataset_dir(dataset)  # a resumed run's dataset name comes from its checkpoint
-except tok.TokenizerError as e:
-    fail(str(e))
-meta_path = os.path.join(data_dir, "meta.json")
-if not os.path.exists(meta_path):
-    # prepare.py names a dataset <corpus>, <corpus>_char or <corpus>_bpe<vocab_size>
-    corpus, _, kind = dataset.rpartition("_")
-    command = (f"python prepare.py --dataset={corpus} --tokenizer=char" if corpus and kind == "char" else
-               f"python prepare.py --dataset={corpus} --tokenizer=bpe --vocab_size={kind[3:]}"
-               if corpus and kind.startswith("bpe") and kind[3:].isdigit() else
-               f"python prepare.py --dataset={dataset}")
-    fail(f"dataset {dataset!r} not found ({meta_path} is missing); make it with {command}")
-try:
-    meta = tok.read_meta(data_dir)
-    tok.from_meta(meta, data_dir)  # a BPE file must be the one the bins were made with
-except tok.TokenizerError as e:
-    fail(str(e))
-data_dtype = np.dtype(meta["dtype"])
-for split in ("train", "val"):
-    path = os.path.join(data_dir, f"{split}.bin")
-    size = os.path.getsize(path) if os.path.exists(path) else -1
-    if size != meta[f"{split}_tokens"] * data_dtype.itemsize:
-        fail(f"{path} holds {size} bytes but meta.json promises {meta[f'{split}_tokens']} {data_dtype} tokens; "
-             f"prepare the dataset again")
-    if meta[f"{split}_tokens"] <= block_size:
-        fail(f"block_size {block_size} is longer than the {split} split ({meta[f'{split}_tokens']} tokens); "
-             f"lower --block_size")
-
-
-def memmap(split):
-    # a fresh memmap per use: a long-lived one keeps every page it touched resident
-    return np.memmap(os.path.join(data_dir, f"{split}.bin"), dtype=data_dtype, mode="r")
-
-
-def to_device(x):
-    if device_type == "cuda":  # pinned memory lets the copy overlap with compute
-        return x.pin_memory().to(device, non_blocking=True)
-    return x.to(device)
-
-
-def windows(data, starts):
-    """Inputs and next-token targets for windows of block_size at the given start offsets."""
-    x = torch.from_numpy(np.stack([data[i:i + block_size] for i in starts]).astype(np.int64))
-    y = torch.from_numpy(np.stack([data[i + 1:i + 1 + block_size] for i in starts]).astype(np.int64))
-    return to_device(x), to_device(y)
-
-
-def train_batches(generator):
-    """This process's micro-batches for one optimizer step. Every process draws the whole global
-    batch from the same generator and keeps its own rows, so the data depends only on the global
-    batch, not on how it is split into processes and accumulation steps."""
-    data = memmap("train")
-    n = world_size * gradient_accumulation_steps
-    starts = torch.randint(len(data) - block_size, (n, batch_size), generator=generator)
-    mine = starts[rank * gradient_accumulation_steps:(rank + 1) * gradient_accumulation_steps]
-    return [windows(data, row.tolist()) for row in mine]
-
-
-# -----------------------------------------------------------------------------
-# model, optimizer, state
+# data (prepare.py's token files), model, optimizer, state
+data = Dataset(dataset, block_size)  # a resumed run's dataset name comes from its checkpoint
+meta = data.meta
 vocab_size = meta["vocab_size"]
 if vocab_size > 1024:
     vocab_size = (vocab_size + 63) // 64 * 64  # multiples of 64 make the head's matmul faster
 model_args |= {"vocab_size": vocab_size}
 iter_num, best_val_loss = 0, float("inf")
-
-
-def model_from_checkpoint(state, path, **overrides):
-    """The model of a checkpoint whose tokenizer is the dataset's, or a one-line refusal."""
-    source = state["meta"]
-    if any(source.get(k) != meta.get(k) for k in ("tokenizer", "vocab_size", "tokenizer_sha256", "chars")):
-        fail(f"{path} was trained with a {source.get('tokenizer')} tokenizer of {source.get('vocab_size')} "
-             f"ids, but dataset {dataset!r} uses {meta['tokenizer']} with {meta['vocab_size']}; "
-             f"use a dataset prepared with the checkpoint's tokenizer")
-    if block_size > state["model_args"].get("block_size", 0):
-        fail(f"block_size {block_size} exceeds the checkpoint's {state['model_args'].get('block_size')}; "
-             f"lower --block_size")
-    try:
-        return ckpt.model_from(state, path, **overrides)
-    except ckpt.CheckpointError as e:
-        fail(str(e))
-
-
-def pretrained_gpt2():
-    """GPT-2 weights from a local Hugging Face folder (hf:FOLDER) or from the hub by name."""
-    if meta["tokenizer"] != "gpt2":
-        fail(f"GPT-2 weights need a dataset prepared with the gpt2 tokenizer, but {dataset!r} uses "
-             f"{meta['tokenizer']}; run python prepare.py --tokenizer=gpt2")
-    try:
-        gpt2 = ckpt.hf_gpt2(init_from, dropout)
-    except ckpt.CheckpointError as e:
-        fail(str(e))
-    if gpt2.config.vocab_size < meta["vocab_size"]:
-        fail(f"{init_from} has {gpt2.config.vocab_size} token embeddings, but dataset {dataset!r} uses "
-             f"{meta['vocab_size']} token ids; use a GPT-2 checkpoint with GPT-2's vocabulary")
-    if block_size > gpt2.config.block_size:
-        fail(f"block_size {block_size} exceeds the model's {gpt2.config.block_size}; lower --block_size")
-    return gpt2
-
-
 torch.manual_seed(seed)  # the same initial weights in every process: fsdp does not copy rank 0's over
 lora = None  # a LoRA run's adapter settings and the identity of its base, saved in its checkpoints
 if resuming:
-    model = model_from_checkpoint(checkpoint, ckpt_path, merge=False)
-    lora = checkpoint.get("lora")
-    model_args = checkpoint["model_args"]
-    iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
+    model = ckpt.model_for(saved, resume_path, meta, dataset, block_size, merge=False)
+    lora = saved.get("lora")
+    model_args = saved["model_args"]
+    iter_num, best_val_loss = saved["iter_num"], saved["best_val_loss"]
 else:
-    if os.path.exists(ckpt_path):
+    if os.path.exists(resume_path):
         fail(f"{out_dir} already holds a checkpoint; continue it with --init_from=resume, "
              f"or choose another --out_dir")
     if init_from == "scratch":
         model = GPT(GPTConfig(**model_args))
     else:  # fine-tuning: weights from elsewhere, a fresh optimizer and schedule
-        if init_from.endswith(ckpt.SUFFIXES):
-            try:
-                source = ckpt.load(init_from)
-            except ckpt.CheckpointError as e:
-                fail(str(e))
-            model = model_from_checkpoint(source, init_from, dropout=dropout)
-            del source  # free the memory
-        else:
-            model = pretrained_gpt2()
+        model = ckpt.pretrained(init_from, meta, dataset, block_size, dropout)
         if lora_rank:  # the base's identity is taken as loaded, so a reader can rebuild and check it
             lora = {"base": init_from, "base_sha256": ckpt.weights_sha256(model), "rank": lora_rank,
                     "alpha": lora_alpha, "dropout": lora_dropout, "targets": lora_targets.split(",")}
@@ -367,27 +260,15 @@ if parallel == "fsdp":  # before the move to the GPU, so that each process moves
     model.shard(init_device_mesh(device_type, (world_size,)), torch.bfloat16 if dtype == "bfloat16" else None)
 model.to(device)
 scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
-# the config's name of the optimizer becomes the optimizer itself; Muon orthogonalises in bf16 only where
-# bf16 is fast, the rule dtype=auto follows
-muon_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
-optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type, optimizer,
-                                       muon_lr, muon_momentum, muon_dtype)
+# Muon orthogonalises in bf16 only where bf16 is fast, the rule dtype=auto follows
+opt = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type, optimizer, muon_lr,
+                                 muon_momentum, torch.bfloat16 if dtype == "bfloat16" else torch.float32)
 # the sampler has its own generator, shared by all processes: batches must not shift when dropout
 # or evaluation draw numbers
 train_gen = torch.Generator().manual_seed(seed)
-if checkpoint is not None and not eval_only:
-    try:
-        ckpt.restore_optimizer(checkpoint, model, optimizer)
-    except ckpt.CheckpointError as e:
-        fail(str(e))
-    if "scaler" in checkpoint:
-        scaler.load_state_dict(checkpoint["scaler"])
-    train_gen.set_state(checkpoint["rng"]["sampler"])
-    # each process restores its own dropout stream; with another process count, the seeds above stand
-    ranks_rng = checkpoint["rng"]["ranks"]
-    if len(ranks_rng) == world_size:
-        ckpt.set_rng_state(ranks_rng[rank], cuda=device_type == "cuda")
-checkpoint = None  # free the memory
+if saved is not None and not eval_only:
+    ckpt.restore_run(saved, model, opt, scaler, train_gen, device_type)
+saved = None  # free the memory
 
 raw_model = model
 if compile:
@@ -397,18 +278,22 @@ if distributed and parallel == "ddp":
 
 
 def get_lr(it):
-    """Linear warmup to learning_rate, then cosine (or warmup-stable-decay) down to min_lr at lr_decay_iters."""
+    """The learning rate of step it, for learning_rate's groups (Muon's run at muon_lr / learning_rate times it)."""
     if not decay_lr:
         return learning_rate
+    # 1) linear warmup for warmup_iters steps
     if it < warmup_iters:
         return learning_rate * (it + 1) / (warmup_iters + 1)
+    # 2) after lr_decay_iters, min_lr
     if it >= lr_decay_iters:
         return min_lr
+    # 3) in between, wsd holds learning_rate until the last decay_frac of lr_decay_iters, then falls linearly...
     if lr_schedule == "wsd":
         decay_start = lr_decay_iters - decay_frac * lr_decay_iters
         if it < decay_start:
             return learning_rate
         return learning_rate + (it - decay_start) / (lr_decay_iters - decay_start) * (min_lr - learning_rate)
+    # ...and cosine falls along half a cosine to min_lr
     progress = (it - warmup_iters) / (lr_decay_iters - warmup_iters)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
 
@@ -421,73 +306,10 @@ def gradient_sync(last):
     return model.no_sync() if distributed and parallel == "ddp" and not last else nullcontext()
 
 
-def all_reduce_sum(values):
-    """Element-wise sums over all processes (the values themselves in a single process)."""
-    if not distributed:
-        return list(values)
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
-
-
-@torch.no_grad()
-def estimate_loss():
-    """Mean loss over eval_iters random batches per split, the same batches at every eval, averaged over ranks."""
-    model.eval()
-    out = {}
-    for split in ("train", "val"):
-        gen = torch.Generator().manual_seed(seed + 1000 * (rank + 1))
-        data = memmap(split)
-        total = 0.0
-        for _ in range(eval_iters):
-            x, y = windows(data, torch.randint(len(data) - block_size, (batch_size,), generator=gen).tolist())
-            with mixed_precision:
-                total += model(x, y)[1].item()
-        s, n = all_reduce_sum([total, eval_iters])
-        out[split] = s / n
-    model.train()
-    return out
-
-
-@torch.no_grad()
-def evaluate_split(split="val"):
-    """Loss over a whole split: consecutive non-overlapping windows, every token predicted once."""
-    model.eval()
-    data = memmap(split)
-    n_targets = len(data) - 1
-    starts = list(range(0, n_targets, block_size))[rank::world_size]
-    # without gradients there is room for more rows: up to 64, while the logits stay under 2**27 floats
-    rows = max(batch_size, min(64, 2 ** 27 // (block_size * raw_model.config.vocab_size)))
-    # every process runs as many forwards as the busiest (under fsdp each is a collective); spare ones
-    # predict nothing
-    forwards = math.ceil(len(range(0, n_targets, block_size)) / world_size / rows)
-    loss_sum, count = 0.0, 0
-    for i in range(0, forwards * rows, rows):
-        chunk = starts[i:i + rows]  # empty for a spare forward
-        lengths = [min(block_size, n_targets - s) for s in chunk]
-        x = torch.zeros(max(1, len(chunk)), block_size, dtype=torch.int64)
-        y = torch.full((max(1, len(chunk)), block_size), -1, dtype=torch.int64)  # -1 is ignored by the loss
-        for row, (s, n) in enumerate(zip(chunk, lengths, strict=True)):
-            x[row, :n] = torch.from_numpy(data[s:s + n].astype(np.int64))
-            y[row, :n] = torch.from_numpy(data[s + 1:s + 1 + n].astype(np.int64))
-        with mixed_precision:
-            loss = raw_model(to_device(x), to_device(y))[1]
-        if chunk:
-            loss_sum += loss.item() * sum(lengths)
-            count += sum(lengths)
-    loss_sum, count = all_reduce_sum([loss_sum, count])
-    model.train()
-    return loss_sum / count, int(count)
-
-
 def save_checkpoint(name):
     """Save out_dir/name.pt, written by rank 0; or under fsdp out_dir/name.dcp, to which every process
     writes its own shard of the model and optimizer."""
-    rng = ckpt.rng_state(cuda=device_type == "cuda")
-    ranks_rng = [rng]
-    if distributed:  # every process draws its own dropout masks, so an exact resume needs every process's state
-        ranks_rng = [None] * world_size
-        dist.all_gather_object(ranks_rng, rng)
+    ranks_rng = ckpt.rng_states(device_type)  # every process takes part
     if parallel != "fsdp" and not master:
         return
     state = {
@@ -502,83 +324,15 @@ def save_checkpoint(name):
         state["scaler"] = scaler.state_dict()
     if lora:
         state["lora"] = lora
-    path = os.path.join(out_dir, name + suffix)
-    try:
-        if parallel == "fsdp":
-            ckpt.save_sharded(state, raw_model, optimizer, path)
-        else:
-            # a LoRA run saves its adapters alone: the base is rebuilt from where it came from
-            weights = {name: p.detach() for name, p in raw_model.adapters().items()} if lora else raw_model.state_dict()
-            ckpt.save({"model": weights, "optimizer": optimizer.state_dict(), **state}, path)
-    except ckpt.CheckpointError as e:
-        fail(str(e))
-
-
-def plot_losses():
-    """Train and validation loss against iterations (bottom axis) and tokens seen (top axis)."""
-    import matplotlib
-    matplotlib.use("Agg")  # no display needed
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker
-    with open(os.path.join(out_dir, "log.jsonl")) as f:
-        records = [json.loads(line) for line in f]
-    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
-    train = [(r["iter"], r["loss"]) for r in records if "loss" in r]
-    val = [(r["iter"], r["val_loss"]) for r in records if "val_loss" in r]
-    if train:
-        ax.plot(*zip(*train, strict=True), color="tab:blue", alpha=0.6, lw=1, label="train loss (per step)")
-    if val:
-        ax.plot(*zip(*val, strict=True), color="tab:orange", marker="o", ms=3, lw=2, label="validation loss (estimate)")
-    if plot_log_scale:
-        ax.set_yscale("log")
-        ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.1f"))
-        ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%.1f"))
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("cross-entropy loss (nats per token)")
-    millions = (lambda i: i * tokens_per_iter / 1e6, lambda t: t * 1e6 / tokens_per_iter)  # iterations <-> tokens
-    top = ax.secondary_xaxis("top", functions=millions)
-    top.set_xlabel("tokens seen (millions)")
-    ax.set_title(f"{os.path.basename(os.path.abspath(out_dir))}: {dataset}, {raw_model.num_params() / 1e6:.1f}M "
-                 f"parameters" + (f", best val {best_val_loss:.3f}" if val else ""))
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    png = io.BytesIO()
-    fig.savefig(png, format="png")
-    plt.close(fig)
-    write_file("loss.png", png.getvalue(), "wb")
-
-
-def write_file(name, data, mode="w"):
-    """Write data to out_dir/name: mode "a" appends, the others replace the file atomically. A write
-    that fails (a full disk, a file size limit, out_dir gone) ends the run in one line and leaves the file
-    as it was, so a resumed run can go on appending to log.jsonl."""
-    path = os.path.join(out_dir, name)
-    target = path if mode == "a" else path + ".tmp"
-    size = os.path.getsize(path) if mode == "a" and os.path.exists(path) else 0
-    try:
-        with open(target, mode) as f:
-            f.write(data)
-        if target != path:
-            os.replace(target, path)
-    except OSError as e:
-        try:  # a partly written line or file would break the next reader
-            if target == path:
-                os.truncate(path, size)
-            elif os.path.exists(target):
-                os.remove(target)
-        except OSError:
-            pass
-        fail(f"could not write {path} ({e.strerror}); {ckpt_path} is intact. "
-             f"Free disk space or choose a writable --out_dir, then resume")
+    ckpt.save_run(state, raw_model, opt, os.path.join(out_dir, name + os.path.splitext(ckpt_path)[1]))
 
 
 def final_evaluation():
-    val_loss, n = evaluate_split("val")
+    """The whole validation split, into out_dir/eval.json (all processes take part)."""
+    val_loss, n = evaluate_split(raw_model, data.tokens("val"), block_size, batch_size, mixed_precision, device)
     result = {"val_loss": val_loss, "perplexity": math.exp(val_loss), "tokens": n, "iter_num": iter_num,
-              "dataset": dataset, "checkpoint": ckpt_path, "config": config}
-    if master:
-        write_file("eval.json", json.dumps(result, indent=1))
+              "dataset": dataset, "checkpoint": resume_path if eval_only else ckpt_path, "config": config}
+    runlog.write("eval.json", json.dumps(result, indent=1))
     log(f"full validation split: loss {val_loss:.4f}, perplexity {math.exp(val_loss):.2f} over {n:,} tokens "
         f"-> {os.path.join(out_dir, 'eval.json')}")
 
@@ -591,37 +345,16 @@ def shut_down():
         dist.destroy_process_group()
 
 
-if eval_only:
-    if master:
-        os.makedirs(out_dir, exist_ok=True)  # evaluating another source (init_from) starts a folder
+title = f"{os.path.basename(os.path.abspath(out_dir))}: {dataset}, {raw_model.num_params() / 1e6:.1f}M parameters"
+runlog = RunLog(out_dir, master, ckpt_path, title, config, wandb_log and not eval_only, wandb_project,
+                wandb_run_name, plot, plot_log_scale)
+if eval_only:  # evaluating this run's checkpoint, or what init_from names into a new folder
     final_evaluation()
     shut_down()
     sys.exit(0)
 
 # -----------------------------------------------------------------------------
 # training loop
-suffix = ".dcp" if parallel == "fsdp" else ".pt"  # how this run saves: sharded, or one file
-ckpt_path = os.path.join(out_dir, "ckpt" + suffix)
-if master:
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        probe = os.path.join(out_dir, ".write_test")
-        open(probe, "w").close()
-        os.remove(probe)
-    except OSError as e:
-        fail(f"out_dir {out_dir} is not writable ({e.strerror}); choose another --out_dir")
-    if wandb_log:
-        import wandb
-        try:  # `wandb login` keeps the key in ~/.netrc rather than the environment
-            logged_in = netrc.netrc().authenticators("api.wandb.ai") is not None
-        except (OSError, netrc.NetrcParseError):
-            logged_in = False
-        if not (os.environ.get("WANDB_API_KEY") or logged_in or os.environ.get("WANDB_MODE")):
-            os.environ["WANDB_MODE"] = "offline"
-            log(f"wandb: no API key, logging offline; upload later with: wandb sync {out_dir}/wandb/offline-run-*")
-        wandb.init(project=wandb_project, name=wandb_run_name or os.path.basename(out_dir.rstrip("/")),
-                   config=config, dir=out_dir)
-
 stop_signal = None
 
 
@@ -645,23 +378,6 @@ def agreed_stop():
     return flag.item() > 0
 
 
-def memory_use():
-    """What this process holds of the weights, gradients and optimizer state (its shards under fsdp), and
-    its peak memory so far: read after the first step, when all three exist."""
-    def megabytes(tensors):
-        local = [t.to_local() if hasattr(t, "to_local") else t for t in tensors]  # a DTensor's own shard
-        return sum(t.numel() * t.element_size() for t in local) / 2 ** 20
-    params = list(model.parameters())
-    state = [v for opt in ckpt.optimizers_of(optimizer) for s in opt.state.values() for v in s.values()
-             if torch.is_tensor(v)]
-    peak = (f"peak {device_type} memory {torch.cuda.max_memory_allocated(device) / 2 ** 20:,.0f} MB"
-            if device_type == "cuda" else
-            f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 10:,.0f} MB")
-    return (f"memory per process: weights {megabytes(params):,.1f} MB, gradients "
-            f"{megabytes(p.grad for p in params if p.grad is not None):,.1f} MB, optimizer state "
-            f"{megabytes(state):,.1f} MB; {peak}")
-
-
 def check_finite(value, what):
     if not math.isfinite(value):
         fail(f"{what} became {value} by iteration {iter_num}; training stopped without saving, so "
@@ -680,32 +396,35 @@ stopping = False
 window_start, window_iters = time.time(), 0
 while iter_num < max_iters:
     lr = get_lr(iter_num)
-    for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)  # Muon's groups run at muon_lr / learning_rate times lr
+    for group in opt.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
 
-    batches = train_batches(train_gen)
+    # one optimizer step: this process's micro-batches, gradients averaged over all processes at the last
+    micro_batches = batches(data.tokens("train"), train_gen, batch_size, block_size, gradient_accumulation_steps,
+                            device, rank, world_size)
     step_loss = 0.0
-    for micro_step, (x, y) in enumerate(batches):
-        last = micro_step == len(batches) - 1
+    for micro_step, (x, y) in enumerate(micro_batches):
+        last = micro_step == len(micro_batches) - 1
         with gradient_sync(last), mixed_precision:
             _, loss = model(x, y)
             loss = loss / gradient_accumulation_steps
         scaler.scale(loss).backward()
         step_loss += loss.detach()
     if grad_clip > 0:
-        scaler.unscale_(optimizer)
+        scaler.unscale_(opt)  # clip the true gradients, not the fp16 loss scaler's multiples of them
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    scaler.step(optimizer)
+    scaler.step(opt)
     scaler.update()
     if iter_num == first_iter:
-        log(memory_use())
-    optimizer.zero_grad(set_to_none=True)
+        log(memory_report(model, opt, device))
+    opt.zero_grad(set_to_none=True)
     iter_num += 1
     window_iters += 1
 
+    # every log_interval: the step's loss over the global batch, speed and ETA (all processes take part)
     record = None
     if iter_num % log_interval == 0 or iter_num == max_iters:
-        lossf = all_reduce_sum([step_loss.item()])[0] / world_size  # the step's mean loss over the global batch
+        lossf = all_reduce_sum([step_loss.item()], device)[0] / world_size
         check_finite(lossf, "the training loss")
         dt = (time.time() - window_start) / window_iters
         tokens_per_s = tokens_per_iter / dt
@@ -717,8 +436,9 @@ while iter_num < max_iters:
         window_start, window_iters = time.time(), 0
     stopping = agreed_stop()
 
+    # every eval_interval: estimate both losses and save (all processes take part)
     if iter_num % eval_interval == 0 or iter_num == max_iters:
-        losses = estimate_loss()
+        losses = estimate_loss(model, data, batch_size, eval_iters, seed, mixed_precision, device)
         check_finite(losses["train"] + losses["val"], "the evaluation loss")
         log(f"eval at iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, "
             f"val perplexity {math.exp(losses['val']):.2f}")
@@ -732,12 +452,8 @@ while iter_num < max_iters:
             save_checkpoint("ckpt")
         window_start, window_iters = time.time(), 0  # evaluation time is not training time
 
-    if record is not None and master:
-        write_file("log.jsonl", json.dumps(record) + "\n", "a")
-        if wandb_log:
-            wandb.log(record, step=iter_num)
-        if plot and "val_loss" in record:
-            plot_losses()
+    if record is not None:
+        runlog.record(record)
     if stopping:
         # saved without an evaluation, so a stop is prompt; evaluations draw from their own generator,
         # so the resumed run goes on exactly as an uninterrupted one would
