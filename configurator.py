@@ -32,10 +32,10 @@ def fail(message):
     sys.exit(2)
 
 
-def report(kind, error, traceback):
+def report(error_type, error, traceback):
     """sys.excepthook of every script: an InputError that nothing caught ends the program as fail() does."""
-    if not issubclass(kind, InputError):
-        return sys.__excepthook__(kind, error, traceback)
+    if not issubclass(error_type, InputError):
+        return sys.__excepthook__(error_type, error, traceback)
     print(f"error: {error}", file=sys.stderr, flush=True)
     sys.stdout.flush()
     atexit._run_exitfuncs()  # as the interpreter would on its way out; it would exit 1, and bad input is 2
@@ -128,14 +128,14 @@ def resolve_device(device):
     import torch
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    kind = device.split(":")[0]
-    if kind == "cuda" and not torch.cuda.is_available():
+    device_type = device.split(":")[0]
+    if device_type == "cuda" and not torch.cuda.is_available():
         fail(f"device {device!r} requested but CUDA is not available here; use --device=cpu")
-    if kind == "mps" and not torch.backends.mps.is_available():
+    if device_type == "mps" and not torch.backends.mps.is_available():
         fail(f"device {device!r} requested but MPS is not available here; use --device=cpu")
-    if kind not in ("cpu", "cuda", "mps"):
+    if device_type not in ("cpu", "cuda", "mps"):
         fail(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps")
-    if kind == "cuda" and ":" in device and int(device.split(":")[1] or 0) >= torch.cuda.device_count():
+    if device_type == "cuda" and ":" in device and int(device.split(":")[1] or 0) >= torch.cuda.device_count():
         fail(f"device {device!r} does not exist; this machine has {torch.cuda.device_count()} GPU(s)")
     return device
 

@@ -21,11 +21,11 @@ class Dataset:
         self.dir = tok.dataset_dir(name)
         meta_path = os.path.join(self.dir, "meta.json")
         if not os.path.exists(meta_path):
-            # prepare.py names a dataset <corpus>, <corpus>_char or <corpus>_bpe<vocab_size>
-            corpus, _, kind = name.rpartition("_")
-            command = (f"python prepare.py --dataset={corpus} --tokenizer=char" if corpus and kind == "char" else
-                       f"python prepare.py --dataset={corpus} --tokenizer=bpe --vocab_size={kind[3:]}"
-                       if corpus and kind.startswith("bpe") and kind[3:].isdigit() else
+            # prepare.py names a dataset <corpus> (gpt2), <corpus>_char or <corpus>_bpe<vocab_size>
+            corpus, _, tokenizer = name.rpartition("_")
+            command = (f"python prepare.py --dataset={corpus} --tokenizer=char" if corpus and tokenizer == "char" else
+                       f"python prepare.py --dataset={corpus} --tokenizer=bpe --vocab_size={tokenizer[3:]}"
+                       if corpus and tokenizer.startswith("bpe") and tokenizer[3:].isdigit() else
                        f"python prepare.py --dataset={name}")
             raise InputError(f"dataset {name!r} not found ({meta_path} is missing); make it with {command}")
         self.meta = tok.read_meta(self.dir)

@@ -137,20 +137,20 @@ class MLP(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.kind = config.mlp
+        self.activation = config.mlp
         # swiglu has three matrices, not two: a hidden width of 8/3 instead of 4 keeps the parameter count
-        hidden = config.mlp_hidden or (8 * config.n_embd // 3 if self.kind == "swiglu" else 4 * config.n_embd)
+        hidden = config.mlp_hidden or (8 * config.n_embd // 3 if self.activation == "swiglu" else 4 * config.n_embd)
         # swiglu's gate and value come from one matmul, c_fc, as attention's q, k and v do from c_attn
-        self.c_fc = Linear(config.n_embd, (2 if self.kind == "swiglu" else 1) * hidden, bias=config.bias)
+        self.c_fc = Linear(config.n_embd, (2 if self.activation == "swiglu" else 1) * hidden, bias=config.bias)
         self.c_proj = Linear(hidden, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
         h = self.c_fc(x)
-        if self.kind == "swiglu":
+        if self.activation == "swiglu":
             gate, value = h.chunk(2, dim=-1)
             h = F.silu(gate) * value
-        elif self.kind == "relu2":
+        elif self.activation == "relu2":
             h = F.relu(h).square()
         else:
             h = F.gelu(h, approximate="tanh")
@@ -335,12 +335,12 @@ class GPT(nn.Module):
             raise ValueError(f"lora_targets {','.join(unknown)} matches no layer; valid names: "
                              f"{', '.join(LORA_TARGETS)}")
         for name, module in list(self.transformer.h.named_modules()):
-            parent, _, kind = name.rpartition(".")
-            if kind in targets:
+            parent, _, layer = name.rpartition(".")
+            if layer in targets:
                 if not 0 < rank <= min(module.in_features, module.out_features):
-                    raise ValueError(f"lora_rank {rank} must be between 1 and the smaller side of the {kind} "
+                    raise ValueError(f"lora_rank {rank} must be between 1 and the smaller side of the {layer} "
                                      f"matrix, {min(module.in_features, module.out_features)}")
-                setattr(self.transformer.h.get_submodule(parent), kind, LoRALinear(module, rank, alpha, dropout))
+                setattr(self.transformer.h.get_submodule(parent), layer, LoRALinear(module, rank, alpha, dropout))
 
     def adapters(self):
         """The LoRA adapters' parameters by name; empty when there are none."""
@@ -350,8 +350,8 @@ class GPT(nn.Module):
         """Fold every adapter into the weight beside it, leaving a plain GPT that computes the same."""
         for name, module in list(self.named_modules()):
             if isinstance(module, LoRALinear):
-                parent, _, kind = name.rpartition(".")
-                setattr(self.get_submodule(parent), kind, module.merged())
+                parent, _, layer = name.rpartition(".")
+                setattr(self.get_submodule(parent), layer, module.merged())
         return self
 
     def new_cache(self, batch_size, device, dtype):
@@ -384,9 +384,9 @@ class GPT(nn.Module):
                 logits, _ = self(idx[:, start:])
             elif filled == 0:
                 if cache is None:  # under autocast, keys and values come out in the autocast dtype
-                    kind = idx.device.type
-                    autocasting = torch.is_autocast_enabled(kind)
-                    dtype = torch.get_autocast_dtype(kind) if autocasting else self.lm_head.weight.dtype
+                    device_type = idx.device.type
+                    autocasting = torch.is_autocast_enabled(device_type)
+                    dtype = torch.get_autocast_dtype(device_type) if autocasting else self.lm_head.weight.dtype
                     cache = self.new_cache(idx.size(0), idx.device, dtype)
                 logits, _ = self(idx[:, start:], cache=cache, pos=0)
                 filled = idx.size(1) - start

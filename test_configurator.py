@@ -1,5 +1,9 @@
 """configurator.configure: what it accepts and how it refuses."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -245,3 +249,21 @@ def test_resolve_device_cuda_without_cuda_fails(capsys):
     assert err.startswith("error: ") and "CUDA is not available" in err and "--device=cpu" in err
 
 # The scripts' own command lines are covered case by case in test_bad_input.py.
+
+
+@pytest.mark.parametrize("raised,status", [("InputError('dataset x not found; make it with prepare.py')", 2),
+                                           ("KeyError('a bug')", 1)])
+def test_an_input_error_is_one_line_and_a_bug_keeps_its_traceback(tmp_path, raised, status):
+    """configurator.report as the sys.excepthook of a real interpreter: an InputError raised anywhere ends the
+    program in one line with exit status 2, after the exit handlers (wandb finishes there); any other
+    exception is a bug, reported with its traceback and exit status 1, as Python does."""
+    script = tmp_path / "script.py"
+    script.write_text("import atexit\nfrom configurator import InputError\n"
+                      f"atexit.register(print, 'exit handlers ran')\nraise {raised}\n")
+    p = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60,
+                       env=dict(os.environ, PYTHONPATH=os.path.dirname(os.path.abspath(__file__))))
+    assert p.returncode == status and p.stdout == "exit handlers ran\n", (p.returncode, p.stdout, p.stderr)
+    if status == 2:
+        assert p.stderr == "error: dataset x not found; make it with prepare.py\n"
+    else:
+        assert "Traceback" in p.stderr and "KeyError: 'a bug'" in p.stderr
