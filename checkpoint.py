@@ -140,7 +140,7 @@ def save_sharded(state, model, optimizer, path):
     """Write a sharded checkpoint, path being NAME.dcp. Every process calls this and writes its own shard
     of the model and optimizer into a new directory, which the symlink at path then points to. The
     directory must be on a filesystem that every process, on every node, sees."""
-    import torch.distributed.checkpoint as dcp  # here, as it takes 0.45 s to import
+    import torch.distributed.checkpoint as dcp  # here: slow to import, and only sharded runs need it
     from torch.distributed.checkpoint.state_dict import get_state_dict
     plan = [None, None]  # the new directory's name, or why there is none; rank 0 decides
     if dist.get_rank() == 0:

@@ -141,8 +141,8 @@ def resolve_device(device):
 
 
 def cpu_has_fast_bf16():
-    """bf16 matmuls beat fp32 only on CPUs with AMX or AVX512-BF16; elsewhere they are slower
-    (8x for nn.Linear on a 2-core AVX2 EPYC, measured with bench.measure_peak_flops)."""
+    """bf16 matmuls beat fp32 only on CPUs with AMX or AVX512-BF16; elsewhere they are several times
+    slower (RESULTS.md)."""
     import torch
     return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
 

@@ -1,8 +1,8 @@
 """Running the project's scripts from tests, fast.
 
 The tests run the real scripts with real command lines, each in its own process. A fresh Python spends
-about 2 s of a 2-core machine importing torch, and another 2 s importing torch._dynamo, which creating
-an optimizer does; that is longer than most of those runs take. So scripts start as children of
+seconds importing torch and torch._dynamo (creating an optimizer imports it), longer than most of those
+runs take. So scripts start as children of
 multiprocessing's fork server, which has imported torch, torch._dynamo, numpy and tiktoken once. Each child
 is still a process of its own: its pid takes signals, and it has its own working folder, environment,
 stdout, stderr and exit status (a script that raises prints its traceback and exits 1; one killed by a

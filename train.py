@@ -275,6 +275,10 @@ if compile:
     model = torch.compile(model)
 if distributed and parallel == "ddp":
     model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
+# log.jsonl, loss.png, eval.json and wandb: written by rank 0
+title = f"{os.path.basename(os.path.abspath(out_dir))}: {dataset}, {raw_model.num_params() / 1e6:.1f}M parameters"
+runlog = RunLog(out_dir, master, ckpt_path, title, config, wandb_log and not eval_only, wandb_project,
+                wandb_run_name, plot, plot_log_scale)
 
 
 def get_lr(it):
@@ -345,9 +349,6 @@ def shut_down():
         dist.destroy_process_group()
 
 
-title = f"{os.path.basename(os.path.abspath(out_dir))}: {dataset}, {raw_model.num_params() / 1e6:.1f}M parameters"
-runlog = RunLog(out_dir, master, ckpt_path, title, config, wandb_log and not eval_only, wandb_project,
-                wandb_run_name, plot, plot_log_scale)
 if eval_only:  # evaluating this run's checkpoint, or what init_from names into a new folder
     final_evaluation()
     shut_down()

@@ -1,5 +1,5 @@
 # LoRA fine-tuning on Shakespeare with the GPT-2 tokenizer (python prepare.py): GPT-2 124M stays frozen,
-# and rank-8 adapters beside attention's q, k, v matmul train (295k parameters, 0.24% of the model).
+# and rank-8 adapters beside attention's q, k, v matmul train (the log's first line counts them).
 #   python train.py config/finetune_shakespeare_lora.py                                  # GPT-2 from the hub
 #   python train.py config/finetune_shakespeare_lora.py --init_from=hf:path/to/gpt2      # a local copy of it
 #   python train.py config/finetune_shakespeare_lora.py --init_from=checkpoint/c4/ckpt.pt  # a run of your own

@@ -1,6 +1,6 @@
 # The shortest way to nanoGPT's CPU-recipe loss (1.893 on the whole validation split) on 2 CPU cores.
 # The same small model as nanoGPT's recipe (4 layers, 128 wide, context 64, batch 12), trained with Muon,
-# rotary positions, QK-norm and a squared-ReLU MLP, on a warmup-stable-decay schedule. Figures in the README.
+# rotary positions, QK-norm and a squared-ReLU MLP, on a warmup-stable-decay schedule. Figures in RESULTS.md.
 # The race is to the trained model, as nanoGPT's is; evaluate the whole validation split afterwards with
 #   python train.py --out_dir=checkpoint/speedrun_shakespeare_char --eval_only
 out_dir = "checkpoint/speedrun_shakespeare_char"

@@ -7,7 +7,6 @@
 #   about 331 MFLOP per training token.
 #   32 x 512 = 16,384 tokens per step x 18,000 steps = 295M tokens (fewer than prepared, so no
 #   token is seen twice), 331 MFLOP x 295M = 0.98e17 FLOPs.
-#   At the 15 TFLOP/s an A10G sustains in bf16 that is about 1.8 hours; an H100 needs minutes.
 #   Target: validation perplexity <= 100 on C4's validation split (eval.json at the end); a model of
 #   this size and budget should land around 50-70 by scaling-law estimates (not yet measured here).
 out_dir = "checkpoint/c4"

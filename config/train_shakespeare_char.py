@@ -1,8 +1,7 @@
-# Character-level Shakespeare on a laptop-class CPU: what `make demo` trains, in about 3 minutes on 2 cores.
-# Measured on 2 AMD EPYC cores (fp32, no AMX): 150-180 ms/iter, about 3 minutes for the whole process,
-# val loss 1.537 on the whole validation split (four plays never seen in training).
+# Character-level Shakespeare on a laptop-class CPU: what `make demo` trains, in a few minutes on 2 cores
+# (RESULTS.md has its times and losses, by machine).
 # Muon, rotary positions and QK-norm as in the speedrun, but a gated MLP (swiglu) and a cosine schedule,
-# which won at this length (the README's ablation), and a larger batch: a Muon step costs a fixed
+# which won at this length (the ablation in RESULTS.md), and a larger batch: a Muon step costs a fixed
 # Newton-Schulz iteration besides the batch, so 32 rows a step reach a given loss sooner than 12.
 # Dropout does not pay off at under two epochs.
 out_dir = "checkpoint/shakespeare_char"
