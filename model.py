@@ -89,8 +89,12 @@ class Linear(nn.Linear):
     the figures). bf16 weights gain nothing that way, and keep the usual path."""
 
     def forward(self, x):
-        w, blocks = self.weight, torch.get_num_threads()
-        if blocks < 2 or x.numel() > 8 * w.shape[1] or w.dtype != torch.float32 or not w.is_cpu or w.shape[0] % blocks:
+        w = self.weight
+        # torch.compile cannot trace get_num_threads (an int, not a tensor): a compiled model keeps one graph
+        if torch.compiler.is_compiling() or x.numel() > 8 * w.shape[1] or w.dtype != torch.float32 or not w.is_cpu:
+            return super().forward(x)
+        blocks = torch.get_num_threads()
+        if blocks < 2 or w.shape[0] % blocks:
             return super().forward(x)
         rows = x.reshape(-1, w.shape[1]).t()  # (in, rows)
         y = torch.bmm(w.view(blocks, -1, w.shape[1]), rows.expand(blocks, -1, -1))  # (blocks, out / blocks, rows)

@@ -283,3 +283,20 @@ def test_top_p_drops_a_token_once_the_mass_before_it_reaches_p(top_p, kept):
     generator = torch.Generator().manual_seed(0)
     draws = {sample_next(torch.zeros(1, 4), 1.0, 0, top_p, generator).item() for _ in range(400)}
     assert len(draws) == kept
+
+
+@pytest.mark.parametrize("kw", [dict(bias=True, dropout=0.1), dict(mlp="relu2"), dict(lora=True),
+                                dict(pos="rope", mlp="swiglu", norm="rmsnorm", qk_norm=True)],
+                         ids=["gpt2", "relu2", "lora", "modern"])
+def test_the_compiled_training_forward_has_no_graph_break(kw):
+    """torch.compile traces the training forward, loss included, as one graph for every kind of block: a
+    break would hand each piece back to eager Python, which on a GPU throws away most of what compile is for."""
+    import torch._dynamo
+    lora = kw.pop("lora", False)
+    model = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=32, **kw)).train()
+    if lora:
+        model.add_lora(4, 8.0, 0.1, ["c_attn", "c_proj", "c_fc"])
+    x = torch.randint(64, (2, 16))
+    explanation = torch._dynamo.explain(model)(x, x)
+    assert explanation.graph_break_count == 0, [str(r.reason).splitlines()[0] for r in explanation.break_reasons]
+    assert explanation.graph_count == 1
