@@ -19,7 +19,16 @@ from dataclasses import fields
 import torch
 from torch.nn import functional as F
 
-from configurator import InputError, autocast, configure, fail, resolve_device, resolve_dtype, script_defaults
+from configurator import (
+    InputError,
+    allow_tf32,
+    autocast,
+    configure,
+    fail,
+    resolve_device,
+    resolve_dtype,
+    script_defaults,
+)
 from dataloader import Dataset, batches
 from model import GPT, GPTConfig
 
@@ -39,14 +48,18 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def measure_peak_flops(device, dtype):
+def measure_peak_flops(device, dtype, searches=3):
     """Best FLOP/s of a square matmul in dtype on device, the size doubled until one takes 10 ms: long
-    enough to be near the peak, and short, since every training run measures it.
+    enough to be near the peak, and short, since every training run measures it. The best of several
+    searches: on a busy machine one can stop at a size far below the peak, and make the MFU absurd.
 
     It is timed as F.linear (x @ W.T), the op every layer of the model runs: on CPUs without native bf16
     a plain bf16 a @ b takes another, much slower kernel, and would inflate MFU past 100%."""
-    ptdtype = getattr(torch, dtype)
     gen = torch.Generator(device=device).manual_seed(0)  # leave the global random state alone
+    return max(search_peak_flops(device, getattr(torch, dtype), gen) for _ in range(searches))
+
+
+def search_peak_flops(device, ptdtype, gen):
     best, n = 0.0, 256
     while True:
         a = torch.randn(n, n, device=device, dtype=ptdtype, generator=gen)
@@ -180,7 +193,8 @@ if __name__ == "__main__":
                                  vocab_size=vocab_size)
     except ValueError as e:
         fail(str(e))
-    torch.backends.cuda.matmul.allow_tf32 = True
+    if device.startswith("cuda"):
+        allow_tf32()
 
     runs = ([("float32", False)] if cfg["compare"] else []) + [(dtype, cfg["compile"])]
     peaks = {d: measure_peak_flops(device, d) for d in {d for d, _ in runs}}
@@ -197,7 +211,7 @@ if __name__ == "__main__":
     print(f"{'dtype':<10}{'compile':<9}{'ms/iter':>9}{'tokens/s':>11}{'MFU':>7}{'peak MB':>9}")
     for r in rows:
         print(f"{r['dtype']:<10}{str(r['compile']):<9}{r['ms_per_iter']:>9.1f}{r['tokens_per_s']:>11,.0f}"
-              f"{r['mfu']:>7.1%}{r['peak_mb']:>9,.0f}")
+              f"{'n/a' if r['mfu'] is None else format(r['mfu'], '.1%'):>7}{r['peak_mb']:>9,.0f}")
     if cfg["compare"]:
         print(f"speed-up over fp32 eager: {rows[0]['ms_per_iter'] / rows[-1]['ms_per_iter']:.2f}x")
     if cfg["sample_tokens"] > 0:

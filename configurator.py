@@ -124,7 +124,9 @@ def defaults_from(namespace):
 
 
 def resolve_device(device):
-    """'auto' picks CUDA when present; a device this machine lacks is an error, not a crash later."""
+    """'auto' picks CUDA when present; a device this machine lacks is an error, not a crash later. A GPU
+    named by number becomes the current one, so that synchronising, memory figures and the CUDA random
+    state are that GPU's, not GPU 0's."""
     import torch
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -137,6 +139,8 @@ def resolve_device(device):
         fail(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps")
     if device_type == "cuda" and ":" in device and int(device.split(":")[1] or 0) >= torch.cuda.device_count():
         fail(f"device {device!r} does not exist; this machine has {torch.cuda.device_count()} GPU(s)")
+    if device_type == "cuda" and ":" in device:
+        torch.cuda.set_device(device)
     return device
 
 
@@ -154,9 +158,21 @@ def resolve_dtype(dtype, device):
         fail(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16")
     if dtype != "auto":
         return dtype
-    if device.startswith("cuda"):
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    if device.startswith("cuda"):  # emulated bf16 (a T4, a V100) is slower than fp16 with a scaler
+        return "bfloat16" if torch.cuda.is_bf16_supported(including_emulation=False) else "float16"
     return "bfloat16" if device == "cpu" and cpu_has_fast_bf16() else "float32"
+
+
+def allow_tf32():
+    """Let CUDA run fp32 matmuls and convolutions on TensorFloat-32 cores: through fp32_precision where
+    torch has it, as torch 2.9 and later warn about allow_tf32, and mixing the two broke inductor in 2.10."""
+    import torch
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        torch.backends.cudnn.conv.fp32_precision = "tf32"
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
 
 
 def script_defaults(path):

@@ -319,8 +319,10 @@ class GPT(nn.Module):
         return 6 * self.num_params() - 2 * frozen + 12 * c.n_layer * c.n_embd * c.block_size
 
     def estimate_mfu(self, tokens_per_s, peak_flops):
-        """Model FLOPs utilisation: achieved training FLOP/s as a fraction of the peak given."""
-        return self.flops_per_token() * tokens_per_s / peak_flops
+        """Model FLOPs utilisation: achieved training FLOP/s as a fraction of the peak given; None above 1,
+        which only a peak measured too low (on a busy machine) can give, and which nobody should read."""
+        mfu = self.flops_per_token() * tokens_per_s / peak_flops
+        return mfu if mfu <= 1 else None
 
     def crop_block_size(self, block_size):
         """Shorten the context, e.g. to fine-tune a 1024-context model on 256-token windows."""

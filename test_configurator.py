@@ -199,13 +199,49 @@ def test_auto_dtype_on_the_cpu_is_bf16_only_where_it_is_fast(monkeypatch, fast_b
     assert resolve_dtype("float32", "cpu") == "float32" and resolve_dtype("bfloat16", "cpu") == "bfloat16"
 
 
-@pytest.mark.parametrize("bf16", [True, False])
-def test_auto_dtype_on_a_gpu_is_bf16_else_fp16(monkeypatch, bf16):
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: bf16)
-    monkeypatch.setattr(configurator, "cpu_has_fast_bf16", lambda: not bf16)  # the GPU's answer decides
+@pytest.mark.parametrize("native,emulated", [(True, True), (False, True), (False, False)])
+def test_auto_dtype_on_a_gpu_is_native_bf16_else_fp16(monkeypatch, native, emulated):
+    """A GPU without bf16 units (a T4, a V100) can still emulate it, and torch counts that by default:
+    auto asks for the native units alone, and takes fp16 with a scaler without them."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                        lambda including_emulation=True: native or (including_emulation and emulated))
+    monkeypatch.setattr(configurator, "cpu_has_fast_bf16", lambda: not native)  # the GPU's answer decides
     for device in ("cuda", "cuda:1"):
-        assert resolve_dtype("auto", device) == ("bfloat16" if bf16 else "float16")
+        assert resolve_dtype("auto", device) == ("bfloat16" if native else "float16")
     assert resolve_dtype("float32", "cuda") == "float32"
+
+
+def test_a_gpu_named_by_number_becomes_the_current_device(monkeypatch):
+    """Synchronising, memory figures and the CUDA random state follow the current device: --device=cuda:1
+    in one process must make GPU 1 current, or they would all be GPU 0's."""
+    current = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    assert resolve_device("cuda:1") == "cuda:1" and current == ["cuda:1"]
+    assert resolve_device("cuda") == "cuda" and current == ["cuda:1"]  # plain cuda is the current one already
+
+
+class Precision:
+    """Stands in for torch.backends.cuda.matmul or cudnn.conv, as torch has them with or without the
+    fp32_precision setting (2.9 and later)."""
+
+    def __init__(self, current):
+        if current:
+            self.fp32_precision = "ieee"
+
+
+@pytest.mark.parametrize("current", [True, False])
+def test_tf32_is_allowed_through_the_api_torch_has(monkeypatch, current):
+    monkeypatch.setattr(torch.backends.cuda, "matmul", Precision(current))
+    monkeypatch.setattr(torch.backends.cudnn, "conv", Precision(current), raising=False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False, raising=False)
+    configurator.allow_tf32()
+    if current:  # the old switches left alone: mixing both broke inductor in torch 2.10
+        assert torch.backends.cuda.matmul.fp32_precision == torch.backends.cudnn.conv.fp32_precision == "tf32"
+        assert not hasattr(torch.backends.cuda.matmul, "allow_tf32") and torch.backends.cudnn.allow_tf32 is False
+    else:
+        assert torch.backends.cuda.matmul.allow_tf32 is True and torch.backends.cudnn.allow_tf32 is True
 
 
 def test_fast_bf16_cpu_is_one_with_amx_or_avx512_bf16():

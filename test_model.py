@@ -221,6 +221,9 @@ def test_mfu_uses_flops_per_token():
     per_token = model.flops_per_token()
     assert per_token == 6 * model.num_params() + 12 * 2 * 32 * 32
     assert model.estimate_mfu(1000, per_token * 4000) == pytest.approx(0.25)
+    # above 100% only a peak measured too low can take it: no figure rather than an absurd one
+    assert model.estimate_mfu(1000, per_token * 1000) == pytest.approx(1.0)
+    assert model.estimate_mfu(1000, per_token * 999) is None
 
 
 def train_50_steps(bf16):

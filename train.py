@@ -32,7 +32,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import checkpoint as ckpt
 from bench import measure_peak_flops
-from configurator import autocast, defaults_from, fail, overrides, resolve_device, resolve_dtype
+from configurator import allow_tf32, autocast, defaults_from, fail, overrides, resolve_device, resolve_dtype
 from dataloader import Dataset, batches
 from evaluate import all_reduce_sum, estimate_loss, evaluate_split
 from model import GPT, GPTConfig
@@ -203,8 +203,7 @@ if parallel == "fsdp" and dtype == "float16":
          "between processes; use --dtype=bfloat16")
 mixed_precision = autocast(device, dtype)
 if device_type == "cuda":
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
+    allow_tf32()
 tokens_per_iter = gradient_accumulation_steps * world_size * batch_size * block_size
 
 
@@ -429,9 +428,10 @@ while iter_num < max_iters:
         check_finite(lossf, "the training loss")
         dt = (time.time() - window_start) / window_iters
         tokens_per_s = tokens_per_iter / dt
-        mfu = raw_model.estimate_mfu(tokens_per_s / world_size, peak_flops) if master else 0.0
+        mfu = raw_model.estimate_mfu(tokens_per_s / world_size, peak_flops) if master else None
         log(f"iter {iter_num}/{max_iters} | loss {lossf:.4f} | lr {lr:.2e} | {dt * 1000:.0f} ms/iter | "
-            f"{tokens_per_s:,.0f} tok/s | mfu {mfu:.1%} | eta {(max_iters - iter_num) * dt / 60:.1f} min")
+            f"{tokens_per_s:,.0f} tok/s | mfu {'n/a' if mfu is None else format(mfu, '.1%')} | "
+            f"eta {(max_iters - iter_num) * dt / 60:.1f} min")
         record = {"iter": iter_num, "tokens": iter_num * tokens_per_iter, "loss": lossf, "lr": lr,
                   "ms_per_iter": dt * 1000, "tokens_per_s": tokens_per_s, "mfu": mfu}
         window_start, window_iters = time.time(), 0
