@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
 from optim import Muon, Optimizers
 
@@ -224,6 +225,7 @@ class GPT(nn.Module):
             self.register_buffer("rope_sin", sin, persistent=False)
         self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying (Press & Wolf 2017)
+        self.recompute_blocks = False  # activation checkpointing: memory for a second forward of each block
 
         self.apply(self._init_weights)
         # residual projections scaled by 1/sqrt(2*n_layer), so the residual stream's variance
@@ -258,7 +260,12 @@ class GPT(nn.Module):
             rope = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]
         x = self.transformer.drop(x)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, None if cache is None else cache[i], pos, rope)
+            if self.recompute_blocks and torch.is_grad_enabled():
+                # keep only each block's input; its insides are computed again in the backward pass, their
+                # dropout masks drawn again from the random state saved here (Chen et al. 2016)
+                x = checkpoint(block, x, None, pos, rope, use_reentrant=False)
+            else:
+                x = block(x, None if cache is None else cache[i], pos, rope)
         x = self.transformer.ln_f(x)
         if targets is None:
             # generation needs only the last position's distribution

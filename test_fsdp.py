@@ -71,6 +71,17 @@ def test_two_sharded_processes_match_one(runs, one, two):
     assert_same_weights(weights(d / one / "ckpt.pt"), weights(d / two / "ckpt.dcp"), atol=1e-5)
 
 
+def test_activation_checkpointing_under_fsdp(runs):
+    """Two sharded processes that recompute each block in the backward pass (gathering its weights again)
+    train as one process that keeps every activation."""
+    d = runs
+    launch(([*EIGHT, *MUON, *FSDP, "--activation_checkpointing", "--out_dir=muon_fsdp_recompute"], "ranks"), cwd=d)
+    single, sharded = losses(d / "muon_single" / "log.jsonl"), losses(d / "muon_fsdp_recompute" / "log.jsonl")
+    assert sorted(sharded) == list(range(1, 9)) and max_abs_diff(single, sharded) <= 1e-5
+    assert_same_weights(weights(d / "muon_single" / "ckpt.pt"), weights(d / "muon_fsdp_recompute" / "ckpt.dcp"),
+                        atol=1e-5)
+
+
 def test_sharded_resume_by_two_one_and_from_one(runs):
     """Iteration 8 resumed to 12: by two sharded processes, bitwise as an uninterrupted sharded run; by one
     process (DCP reshards 2 -> 1), and from one process's ckpt.pt by two sharded ones (1 -> 2), each

@@ -206,3 +206,17 @@ def test_evaluation_draws_no_dropout_and_returns_to_training(workdir):
     assert len(val) == 6 and max(val) - min(val) < 1e-6, val
     assert [r["loss"] for r in every] == [r["loss"] for r in once]
     assert len({r["loss"] for r in every}) == 6  # the losses are of different batches, so they could tell
+
+
+def test_activation_checkpointing_trains_as_without_it_across_a_resume(workdir):
+    """With dropout on, a run that recomputes its blocks, stopped and resumed, takes the same steps as one
+    that keeps every activation and runs straight through: same losses, same weights."""
+    args = [*TINY, "--dropout=0.2", "--eval_interval=2", "--final_eval=False"]
+    run("train.py", *args, "--max_iters=4", "--out_dir=keep_all", cwd=workdir)
+    run("train.py", *args, "--max_iters=2", "--activation_checkpointing", "--out_dir=recompute", cwd=workdir)
+    run("train.py", "--out_dir=recompute", "--init_from=resume", "--max_iters=4", cwd=workdir)
+    kept, recomputed = (read_log(workdir / name / "log.jsonl") for name in ("keep_all", "recompute"))
+    assert [r["loss"] for r in recomputed] == [r["loss"] for r in kept]
+    weights = [torch.load(workdir / name / "ckpt.pt", weights_only=True)["model"] for name in ("keep_all", "recompute")]
+    assert all(torch.allclose(weights[1][n], w, rtol=0, atol=1e-6) for n, w in weights[0].items())
+    assert torch.load(workdir / "recompute" / "ckpt.pt", weights_only=True)["config"]["activation_checkpointing"]

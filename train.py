@@ -96,6 +96,7 @@ min_lr = 6e-5
 device = "auto"  # auto | cpu | cuda | cuda:N | mps
 dtype = "auto"  # auto | float32 | bfloat16 | float16 (float16 uses a GradScaler)
 compile = False
+activation_checkpointing = False  # keep only each block's input for the backward pass, recomputing the rest
 parallel = "ddp"  # under torchrun: 'ddp' keeps a whole copy of the model in every process, 'fsdp' shards it
 backend = "auto"  # process group backend: nccl on GPUs, gloo on CPUs
 ddp_timeout = 300  # seconds a rank waits for the others before giving up
@@ -108,7 +109,7 @@ MAY_CHANGE_ON_RESUME = {"init_from", "eval_only", "max_iters", "learning_rate", 
                         "decay_frac", "warmup_iters", "lr_decay_iters", "min_lr", "grad_clip", "eval_interval",
                         "log_interval", "eval_iters", "always_save_checkpoint", "final_eval", "plot", "plot_log_scale",
                         "wandb_log", "wandb_project", "wandb_run_name", "device", "dtype", "compile", "parallel",
-                        "backend", "ddp_timeout"}
+                        "backend", "ddp_timeout", "activation_checkpointing"}
 defaults = defaults_from(globals())
 given = overrides(defaults, sys.argv[1:])
 config = {**defaults, **given}
@@ -255,6 +256,7 @@ if lora:  # the base stays as loaded: only the adapters train, so only they reac
         p.requires_grad_(True)
 if rank:  # but each process its own dropout masks (rank 0 draws on, as a single process does)
     torch.manual_seed(seed + rank)
+model.recompute_blocks = activation_checkpointing
 if parallel == "fsdp":  # before the move to the GPU, so that each process moves only its shard there
     model.shard(init_device_mesh(device_type, (world_size,)), torch.bfloat16 if dtype == "bfloat16" else None)
 model.to(device)
