@@ -220,3 +220,24 @@ def test_activation_checkpointing_trains_as_without_it_across_a_resume(workdir):
     weights = [torch.load(workdir / name / "ckpt.pt", weights_only=True)["model"] for name in ("keep_all", "recompute")]
     assert all(torch.allclose(weights[1][n], w, rtol=0, atol=1e-6) for n, w in weights[0].items())
     assert torch.load(workdir / "recompute" / "ckpt.pt", weights_only=True)["config"]["activation_checkpointing"]
+
+
+def test_target_flops_sets_the_length_and_logs_the_flops_spent(workdir):
+    """A budget of 7.5 steps' FLOPs, a step being the model's FLOPs per token times the tokens of a step,
+    buys 8 steps and a schedule that decays over them; log.jsonl counts the FLOPs spent. Resumed, the run
+    keeps its budget and trains no further."""
+    from model import GPT, GPTConfig
+    vocab_size = json.loads((workdir / "data" / "shakespeare_char" / "meta.json").read_text())["vocab_size"]
+    model = GPT(GPTConfig(block_size=32, vocab_size=vocab_size, n_layer=1, n_head=2, n_embd=32, bias=False))
+    flops_per_step = model.flops_per_token() * 4 * 32  # TINY's batch of 4 windows of 32 tokens
+    args = [a for a in TINY if not a.startswith("--lr_decay_iters")]
+    args += [f"--target_flops={7.5 * flops_per_step}", "--warmup_iters=2", "--out_dir=budget"]
+    run("train.py", *args, cwd=workdir)
+    log = read_log(workdir / "budget" / "log.jsonl")
+    assert [r["iter"] for r in log] == list(range(1, 9))
+    assert [r["flops"] for r in log] == pytest.approx([i * flops_per_step for i in range(1, 9)])
+    config = torch.load(workdir / "budget" / "ckpt.pt", weights_only=True)["config"]
+    assert config["max_iters"] == config["lr_decay_iters"] == 8
+    assert [r["lr"] for r in log] == pytest.approx([cosine_schedule(i, warmup=2, decay=8) for i in range(8)])
+    run("train.py", "--out_dir=budget", "--init_from=resume", cwd=workdir)
+    assert len(read_log(workdir / "budget" / "log.jsonl")) == 8

@@ -73,6 +73,7 @@ qk_norm = False  # RMSNorm of each head's queries and keys
 optimizer = "adamw"  # 'adamw' | 'muon': Muon for the blocks' matrices, AdamW at learning_rate for the rest
 learning_rate = 6e-4
 max_iters = 5000
+target_flops = 0.0  # a training budget in FLOPs: sets max_iters (and lr_decay_iters) from the model's FLOPs per token
 weight_decay = 0.1
 beta1 = 0.9
 beta2 = 0.95
@@ -105,11 +106,11 @@ seed = 1337
 # Resuming or evaluating a run takes its config from the checkpoint. The command line may change how
 # long it runs, its learning rate (lowered after a divergence, or a longer tail), clipping, evaluation,
 # logging, and the hardware it runs on; not the architecture, the data or the batch.
-MAY_CHANGE_ON_RESUME = {"init_from", "eval_only", "max_iters", "learning_rate", "muon_lr", "decay_lr", "lr_schedule",
-                        "decay_frac", "warmup_iters", "lr_decay_iters", "min_lr", "grad_clip", "eval_interval",
-                        "log_interval", "eval_iters", "always_save_checkpoint", "final_eval", "plot", "plot_log_scale",
-                        "wandb_log", "wandb_project", "wandb_run_name", "device", "dtype", "compile", "parallel",
-                        "backend", "ddp_timeout", "activation_checkpointing"}
+MAY_CHANGE_ON_RESUME = {"init_from", "eval_only", "max_iters", "target_flops", "learning_rate", "muon_lr", "decay_lr",
+                        "lr_schedule", "decay_frac", "warmup_iters", "lr_decay_iters", "min_lr", "grad_clip",
+                        "eval_interval", "log_interval", "eval_iters", "always_save_checkpoint", "final_eval", "plot",
+                        "plot_log_scale", "wandb_log", "wandb_project", "wandb_run_name", "device", "dtype", "compile",
+                        "parallel", "backend", "ddp_timeout", "activation_checkpointing"}
 defaults = defaults_from(globals())
 given = overrides(defaults, sys.argv[1:])
 config = {**defaults, **given}
@@ -257,6 +258,16 @@ if lora:  # the base stays as loaded: only the adapters train, so only they reac
 if rank:  # but each process its own dropout masks (rank 0 draws on, as a single process does)
     torch.manual_seed(seed + rank)
 model.recompute_blocks = activation_checkpointing
+flops_per_iter = model.flops_per_token() * tokens_per_iter
+if target_flops > 0:  # the budget decides the length; a resumed run keeps it, as its config holds it
+    if "max_iters" in given:
+        fail("max_iters and target_flops both decide the run's length; leave max_iters out, or pass --target_flops=0")
+    max_iters = config["max_iters"] = math.ceil(target_flops / flops_per_iter)
+    if not resuming and "lr_decay_iters" not in given:
+        lr_decay_iters = config["lr_decay_iters"] = max_iters
+    if decay_lr and lr_decay_iters <= warmup_iters:
+        fail(f"target_flops {target_flops:.3g} buys {max_iters} iterations of {flops_per_iter:.3g} FLOPs, not more "
+             f"than warmup_iters ({warmup_iters}); raise target_flops or lower warmup_iters")
 if parallel == "fsdp":  # before the move to the GPU, so that each process moves only its shard there
     model.shard(init_device_mesh(device_type, (world_size,)), torch.bfloat16 if dtype == "bfloat16" else None)
 model.to(device)
@@ -433,9 +444,9 @@ while iter_num < max_iters:
         mfu = raw_model.estimate_mfu(tokens_per_s / world_size, peak_flops) if master else None
         log(f"iter {iter_num}/{max_iters} | loss {lossf:.4f} | lr {lr:.2e} | {dt * 1000:.0f} ms/iter | "
             f"{tokens_per_s:,.0f} tok/s | mfu {'n/a' if mfu is None else format(mfu, '.1%')} | "
-            f"eta {(max_iters - iter_num) * dt / 60:.1f} min")
-        record = {"iter": iter_num, "tokens": iter_num * tokens_per_iter, "loss": lossf, "lr": lr,
-                  "ms_per_iter": dt * 1000, "tokens_per_s": tokens_per_s, "mfu": mfu}
+            f"{iter_num * flops_per_iter:.2e} FLOPs | eta {(max_iters - iter_num) * dt / 60:.1f} min")
+        record = {"iter": iter_num, "tokens": iter_num * tokens_per_iter, "flops": iter_num * flops_per_iter,
+                  "loss": lossf, "lr": lr, "ms_per_iter": dt * 1000, "tokens_per_s": tokens_per_s, "mfu": mfu}
         window_start, window_iters = time.time(), 0
     stopping = agreed_stop()
 

@@ -2,11 +2,9 @@
 #   python prepare.py --dataset=c4 --max_tokens=400_000_000 --val_tokens=5_000_000
 #   python train.py config/train_c4.py --batch_size=32
 #
-# What to expect (from the model's own FLOPs formula, model.flops_per_token()):
-#   8 layers, 512 wide, context 512, vocab 50304: 51M parameters (26M of them the tied embedding),
-#   about 331 MFLOP per training token.
-#   32 x 512 = 16,384 tokens per step x 18,000 steps = 295M tokens (fewer than prepared, so no
-#   token is seen twice), 331 MFLOP x 295M = 0.98e17 FLOPs.
+# target_flops sets the length from the model's own FLOPs per token (model.flops_per_token()): 8 layers,
+# 512 wide, context 512 come to about 331 MFLOP a token, so 1e17 FLOPs are about 300M tokens at any batch
+# size, fewer than prepared, so no token is seen twice.
 #   Target: validation perplexity <= 100 on C4's validation split (eval.json at the end); a model of
 #   this size and budget should land around 50-70 by scaling-law estimates (not yet measured here).
 out_dir = "checkpoint/c4"
@@ -26,8 +24,7 @@ dropout = 0.0
 bias = False
 
 learning_rate = 1e-3
-max_iters = 18000
-lr_decay_iters = 18000
+target_flops = 1e17
 min_lr = 1e-4
 warmup_iters = 500
 weight_decay = 0.1
