@@ -285,3 +285,39 @@ def test_a_checkpoint_written_before_the_redesign_samples_and_resumes(tmp_path, 
         assert torch.equal(t, states[1]["model"][name]), name
     p = run("sample.py", "--out_dir=one", "--max_new_tokens=20", "--num_samples=1", "--start=ROMEO:", cwd=tmp_path)
     assert p.returncode == 0 and p.stdout.startswith("ROMEO:") and len(p.stdout) > 20, p.stderr
+
+
+def test_a_fine_tuned_runs_config_is_its_source_architecture(work):
+    """Fine-tuned from a checkpoint without architecture flags, a run saves the source's architecture in its
+    config, not train.py's defaults: resumed with those values given, they agree with the run's."""
+    source = torch.load(work / "run" / "ckpt.pt", weights_only=True)
+    args = ["--dataset=shakespeare_char", "--block_size=32", "--batch_size=4", "--eval_iters=2", "--eval_interval=2",
+            "--plot=False", "--final_eval=False", "--out_dir=finetuned_arch"]
+    p = run("train.py", *args, "--init_from=run/ckpt.pt", "--max_iters=2", cwd=work)
+    assert p.returncode == 0, p.stderr
+    config = torch.load(work / "finetuned_arch" / "ckpt.pt", weights_only=True)["config"]
+    architecture = {k: v for k, v in source["model_args"].items() if k in source["config"]}
+    assert architecture["n_layer"] == 1  # not train.py's default
+    assert {k: config.get(k) for k in architecture} == architecture
+    p = run("train.py", *args, "--init_from=resume", "--max_iters=4", "--n_layer=1", "--n_head=2", "--n_embd=32",
+            cwd=work)
+    assert p.returncode == 0, p.stderr
+    assert torch.load(work / "finetuned_arch" / "ckpt.pt", weights_only=True)["iter_num"] == 4
+
+
+def test_the_newer_of_a_file_and_a_sharded_checkpoint_is_read(work):
+    """A kill between writing NAME.pt and removing NAME.dcp (or the other way round) leaves both: the scripts
+    read the one written last."""
+    state = torch.load(work / "run" / "ckpt.pt", weights_only=True)
+    folder = work / "both_formats"
+    folder.mkdir()
+    torch.save(state, folder / "ckpt.pt")
+    write_sharded({**state, "iter_num": state["iter_num"] // 2}, folder)
+    for newer, older, iter_num in (("ckpt.dcp", "ckpt.pt", state["iter_num"] // 2),
+                                   ("ckpt.pt", "ckpt.dcp", state["iter_num"])):
+        os.utime(folder / older, (1e9, 1e9))
+        os.utime(folder / newer, (2e9, 2e9))
+        p = run("train.py", f"--out_dir={folder.name}", "--eval_only", cwd=work)
+        assert p.returncode == 0, p.stderr
+        evaluation = json.loads((folder / "eval.json").read_text())
+        assert evaluation["checkpoint"] == os.path.join(folder.name, newer) and evaluation["iter_num"] == iter_num

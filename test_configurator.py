@@ -303,3 +303,9 @@ def test_an_input_error_is_one_line_and_a_bug_keeps_its_traceback(tmp_path, rais
         assert p.stderr == "error: dataset x not found; make it with prepare.py\n"
     else:
         assert "Traceback" in p.stderr and "KeyError: 'a bug'" in p.stderr
+
+
+def test_bool_for_float_key_fails(capsys):
+    # True is an int to Python, but never a learning rate
+    line = bad(["--learning_rate=True"], capsys)
+    assert "learning_rate" in line and "float" in line and "True" in line

@@ -585,3 +585,16 @@ def test_bare_boolean_flag_is_true_but_bare_value_is_an_error(work, capsys):
     # and through a real script
     assert_refused(run("train.py", *CHAR, "--batch_size", "--out_dir=never", cwd=work, check=False), "--batch_size")
     assert not (work / "never").exists()
+
+
+def test_exported_folder_names_the_tokenizer_and_its_end_of_text(work):
+    """What a reader of the exported folder needs besides the weights: meta.json holds the dataset's tokenizer
+    with its vocab_size and end-of-text id, and config.json names that id as GPT-2's bos and eos tokens, so
+    that transformers' generate stops where sample.py does."""
+    run("export_hf.py", "--out_dir=ck", "--to=ck_hf_tokens", cwd=work)
+    dataset = json.loads((work / "data" / "shakespeare_char" / "meta.json").read_text())
+    exported = json.loads((work / "ck_hf_tokens" / "meta.json").read_text())
+    keys = ("tokenizer", "chars", "vocab_size", "eot_token")
+    assert {k: exported.get(k) for k in keys} == {k: dataset[k] for k in keys}
+    config = transformers.GPT2Config.from_pretrained(str(work / "ck_hf_tokens"))
+    assert config.eos_token_id == config.bos_token_id == dataset["eot_token"]

@@ -194,3 +194,12 @@ def test_adapter_only_export_of_what_gpt2_cannot_hold_is_refused(work):
     assert_refused(run("export_hf.py", "--out_dir=base", "--to=base_adapter", "--adapter_only", cwd=work,
                        check=False), "not a LoRA run")
     assert files(work) == before
+
+
+def test_adapter_only_export_is_never_written_over(work):
+    """A second --adapter_only export into a folder that holds one is refused and leaves it as it was."""
+    run("export_hf.py", "--out_dir=straight", "--to=hf_adapter_once", "--adapter_only", cwd=work)
+    before = files(work / "hf_adapter_once")
+    assert_refused(run("export_hf.py", "--out_dir=straight", "--to=hf_adapter_once", "--adapter_only", cwd=work,
+                       check=False), "hf_adapter_once", "PEFT adapter")
+    assert files(work / "hf_adapter_once") == before

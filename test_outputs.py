@@ -195,3 +195,21 @@ def test_a_file_that_cannot_be_written_stops_the_run_in_one_line(workdir, name):
         read_log(out / "log.jsonl")
         before["log.jsonl"] = after["log.jsonl"]
     assert after == before  # the checkpoints as they were, no torn log line, no temporary file left
+
+
+def test_the_last_iteration_is_saved_even_when_it_is_not_the_best(workdir):
+    """always_save_checkpoint=False saves ckpt.pt at an improvement, and once more at max_iters whatever
+    the validation loss, so that a finished run's ckpt.pt is its last state. Resumed from the spike's best
+    evaluation to its last, whose validation loss is worse, the run ends with ckpt.pt at that last iteration."""
+    evals = val_losses(workdir / "spike")
+    best_iter, last = min(evals, key=evals.get), max(evals)
+    out = workdir / "spike_to_the_end"
+    shutil.copytree(workdir / "spike", out)
+    best_bytes = (out / "best.pt").read_bytes()
+    run("train.py", *SPIKE, f"--max_iters={last}", "--always_save_checkpoint=False", f"--out_dir={out.name}",
+        "--init_from=resume", cwd=workdir)
+    replayed = {r["iter"]: r["val_loss"] for r in read_log(out / "log.jsonl") if "val_loss" in r}
+    assert replayed[last] == evals[last] > evals[best_iter]
+    latest = load(out / "ckpt.pt")
+    assert latest["iter_num"] == last and latest["best_val_loss"] == evals[best_iter]
+    assert (out / "best.pt").read_bytes() == best_bytes
