@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test test-compile lint format install clean
+.PHONY: demo test test-compile lint format install clean gpu-check
 
 install: $(VENV)/installed
 
@@ -36,6 +36,10 @@ test: install
 # compile=True costs inductor's compilation, longer than the rest of the suite's budget
 test-compile: install
 	TEST_COMPILE=1 $(PY) -m pytest -q test_train.py -k compiled
+
+# on a GPU machine, with the PyTorch already there (no install, no network): one table of what the GPU does
+gpu-check:
+	python3 gpu_check.py $(ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -88,6 +88,7 @@ def bench_training(cfg, model_config, train_data, device, dtype, compiled, peak)
     torch.manual_seed(cfg["seed"])
     device_type = device.split(":")[0]
     model = GPT(model_config).to(device)
+    model.recompute_blocks = cfg["activation_checkpointing"]
     optimizer = model.configure_optimizers(cfg["weight_decay"], cfg["learning_rate"], (cfg["beta1"], cfg["beta2"]),
                                            device_type, cfg["optimizer"], cfg["muon_lr"], cfg["muon_momentum"],
                                            torch.bfloat16 if dtype == "bfloat16" else torch.float32)
@@ -167,6 +168,7 @@ def bench_sampling(model, cfg, device, dtype):
         same = torch.equal(results[True][0], results[False][0])
         print(f"KV cache speed-up {results[False][1] / results[True][1]:.1f}x; greedy output with cache "
               f"{'equals' if same else 'DIFFERS FROM'} recomputation")
+    return {use_cache: cfg["sample_tokens"] / total for use_cache, (_, total) in results.items()}
 
 
 if __name__ == "__main__":
