@@ -15,6 +15,7 @@ Everything a later run needs lands in out_dir: ckpt.pt (latest), best.pt (best
 validation loss), log.jsonl (metrics) and eval.json (the final full evaluation).
 Under fsdp the checkpoints are sharded: ckpt.dcp and best.dcp.
 """
+import ctypes
 import json
 import math
 import os
@@ -199,6 +200,13 @@ else:
     rank, local_rank, world_size = 0, 0, 1
 master = rank == 0
 device_type = device.split(":")[0]
+if parallel == "fsdp" and device_type == "cpu":
+    # glibc raises its mmap threshold once a large block is freed, and serves later ones from a heap it keeps:
+    # every block's gathered weights and gradients, freed as fsdp goes, would stay resident in each process
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD: 64 kB and up go back when freed
+    except (OSError, AttributeError):
+        pass  # not glibc
 dtype = resolve_dtype(dtype, device)
 if parallel == "fsdp" and dtype == "float16":
     fail("parallel=fsdp trains in bfloat16 or float32, not float16, whose loss scaling it does not share "
