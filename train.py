@@ -410,7 +410,8 @@ def check_finite(value, what):
              f"then resume")
 
 
-peak_flops = measure_peak_flops(device, dtype) if master else 0.0
+# one search, as every run pays for it: a peak measured too low shows as an MFU of n/a, not over 100%
+peak_flops = measure_peak_flops(device, dtype, searches=1) if master else 0.0
 trained = f" ({sum(p.numel() for p in raw_model.adapters().values()):,} in LoRA adapters trained)" if lora else ""
 log(f"{raw_model.num_params() / 1e6:.2f}M parameters{trained} | {device} {dtype}{' compiled' if compile else ''} | "
     f"{tokens_per_iter:,} tokens/iter | {world_size} process(es) | from iter {iter_num} | "
