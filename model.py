@@ -231,33 +231,27 @@ class GPT(nn.Module):
         self.init_weights(torch.initial_seed())
 
     def init_weights(self, seed):
-        """GPT-2's initialisation: matmul and embedding weights normal with std 0.02, the residual projections'
-        scaled by 1/sqrt(2 * n_layer) so that the residual stream's variance does not grow with depth (GPT-2
-        paper, section 2.3), biases 0 and gains 1. Each parameter is drawn from a generator of its own, seeded
-        by seed and its name, so a model built on the meta device and sharded across processes gets the
-        weights a whole one gets: each process draws one whole parameter at a time and keeps its own rows."""
+        """GPT-2's initialisation: weights normal with std 0.02, the residual projections' scaled by
+        1/sqrt(2 * n_layer) so the residual stream's variance does not grow with depth (GPT-2 paper, 2.3), biases
+        0, gains 1. Each parameter has a generator seeded by seed and its name: sharded across processes (built
+        on the meta device), each process draws one whole parameter at a time and keeps its own rows."""
         if self.config.pos == "rope":  # buffers are empty too after the meta device
             tables = rotary_tables(self.config.n_embd // self.config.n_head, self.config.block_size)
             self.rope_cos, self.rope_sin = (t.to(self.rope_cos.device) for t in tables)
         if self.transformer.wte.weight is not self.lm_head.weight:  # to_empty unties them, outside FSDP
             self.transformer.wte.weight = self.lm_head.weight
         gains = {f"{name}.weight" for name, m in self.named_modules() if isinstance(m, (nn.LayerNorm, nn.RMSNorm))}
-        with torch.no_grad():
-            for name, p in self.named_parameters():
-                if p.is_meta:
-                    continue  # to be initialised once its process's part is allocated
-                if name.endswith(".bias"):
-                    value = torch.zeros(p.shape)
-                elif name in gains:
-                    value = torch.ones(p.shape)
-                else:
-                    std = 0.02 / math.sqrt(2 * self.config.n_layer) if name.endswith("c_proj.weight") else 0.02
-                    generator = torch.Generator().manual_seed(zlib.crc32(f"{seed} {name}".encode()))
-                    value = torch.empty(p.shape).normal_(0.0, std, generator=generator)
-                value = value.to(p.device, p.dtype)
-                if hasattr(p, "device_mesh"):  # a DTensor: this process's rows of the whole
-                    from torch.distributed.tensor import distribute_tensor
-                    value = distribute_tensor(value, p.device_mesh, p.placements, src_data_rank=None)
+        for name, p in self.named_parameters():
+            if p.is_meta:
+                continue  # to be initialised once its process's part is allocated
+            std = 0.02 / math.sqrt(2 * self.config.n_layer) if name.endswith("c_proj.weight") else 0.02
+            generator = torch.Generator().manual_seed(zlib.crc32(f"{seed} {name}".encode()))
+            value = (torch.zeros(p.shape) if name.endswith(".bias") else torch.ones(p.shape) if name in gains else
+                     torch.empty(p.shape).normal_(0.0, std, generator=generator)).to(p.device, p.dtype)
+            if hasattr(p, "device_mesh"):  # a DTensor: this process's rows of the whole
+                from torch.distributed.tensor import distribute_tensor
+                value = distribute_tensor(value, p.device_mesh, p.placements, src_data_rank=None)
+            with torch.no_grad():
                 p.copy_(value)
 
     def num_params(self, non_embedding=True):
