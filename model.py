@@ -220,10 +220,10 @@ class GPT(nn.Module):
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
             ln_f=make_norm(config),
         ))
-        if config.pos == "rope":  # derived from positions, not learned: kept out of the state dict
-            cos, sin = rotary_tables(config.n_embd // config.n_head, config.block_size)
-            self.register_buffer("rope_cos", cos, persistent=False)
-            self.register_buffer("rope_sin", sin, persistent=False)
+        if config.pos == "rope":  # derived from positions, not learned: kept out of the state dict; init_weights fills
+            for name in ("rope_cos", "rope_sin"):
+                self.register_buffer(name, torch.empty(config.block_size, config.n_embd // config.n_head // 2),
+                                     persistent=False)
         self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying (Press & Wolf 2017)
         self.recompute_blocks = False  # activation checkpointing: memory for a second forward of each block

@@ -180,7 +180,8 @@ if parallel == "fsdp":
         fail("parallel=fsdp does not shard LoRA runs, whose frozen base is the bulk; use --parallel=ddp")
     # a sharded run resumed in one process: nothing to shard, and its checkpoints say so
     parallel = config["parallel"] = "fsdp" if distributed else "ddp"
-ckpt_path = os.path.join(out_dir, "ckpt" + (".dcp" if parallel == "fsdp" else ".pt"))  # where this run saves
+suffix = ".dcp" if parallel == "fsdp" else ".pt"  # how this run saves: sharded, or one file
+ckpt_path = os.path.join(out_dir, "ckpt" + suffix)
 
 # -----------------------------------------------------------------------------
 # processes and devices
@@ -352,7 +353,7 @@ def save_checkpoint(name):
         state["scaler"] = scaler.state_dict()
     if lora:
         state["lora"] = lora
-    ckpt.save_run(state, raw_model, opt, os.path.join(out_dir, name + os.path.splitext(ckpt_path)[1]))
+    ckpt.save_run(state, raw_model, opt, os.path.join(out_dir, name + suffix))
 
 
 def final_evaluation():
