@@ -7,6 +7,7 @@ with the peak matmul rate measured on this device in the same run.
     python bench.py --compare                          # fp32 eager reference, then this setting
     python bench.py --sample                           # generation also without the KV cache, for the ratio
     python bench.py --profile                          # torch.profiler trace of a few steps
+    python bench.py --mc_examples=100                  # multiple-choice scoring against a transformers loop
 
 It takes the same config files and --key=value overrides as train.py. Nothing here passes or fails.
 """
@@ -40,6 +41,7 @@ BENCH_DEFAULTS = dict(
     sample_tokens=500,  # greedy tokens generated after training is timed (0: skip generation)
     profile=False,  # write a torch.profiler trace to bench_trace.json
     synthetic=False,  # random tokens instead of the prepared dataset
+    mc_examples=0,  # also time scoring this many multiple-choice examples, against a transformers loop
 )
 
 
@@ -144,6 +146,61 @@ def bench_training(cfg, model_config, train_data, device, dtype, compiled, peak)
     return model, row
 
 
+def bench_multiple_choice(model, cfg, device, dtype, vocab_size):
+    """Examples/s scoring HellaSwag-shaped examples of random tokens as evaluate.py does (in dtype), and
+    as a straightforward transformers loop does (fp32, one choice per forward) on the same weights. An
+    example is a context of 20 to 100 tokens and 4 choices of 10 to 40, four times as long for a character
+    vocabulary, cropped as evaluate.py crops them."""
+    import tempfile
+
+    import numpy as np
+    from transformers import GPT2LMHeadModel
+
+    from evaluate import multiple_choice
+    from hf import to_hf_gpt2
+    rng = np.random.default_rng(cfg["seed"])
+    scale, block = (4 if vocab_size < 1024 else 1), model.config.block_size
+    examples = [(rng.integers(vocab_size, size=rng.integers(20, 100) * scale).tolist(),
+                 [rng.integers(vocab_size, size=rng.integers(10, 40) * scale).tolist() for _ in range(4)], 0)
+                for _ in range(cfg["mc_examples"])]
+    model.eval()
+    multiple_choice(model, examples[:4], 0, autocast(device, dtype), device)  # warm up
+    sync(device)
+    t = time.perf_counter()
+    ours = multiple_choice(model, examples, 0, autocast(device, dtype), device)
+    sync(device)
+    ours_s = time.perf_counter() - t
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            to_hf_gpt2(model, folder)
+        except ValueError as e:
+            fail(f"mc_examples compares with transformers' GPT-2, which cannot hold this model: {e}")
+        hf = GPT2LMHeadModel.from_pretrained(folder).to(device).eval()
+
+    @torch.no_grad()
+    def loop(examples):
+        correct = 0
+        for context, choices, label in examples:
+            context = context[-(block + 1 - max(len(c[:block]) for c in choices)):]
+            losses = []
+            for choice in choices:
+                ids = torch.tensor([context + choice[:block]], device=device)
+                logits = hf(ids[:, :-1]).logits[0, -len(choice[:block]):]
+                losses.append(F.cross_entropy(logits, ids[0, -len(choice[:block]):]).item())
+            correct += int(np.argmin(losses) == label)
+        return correct / len(examples)
+    loop(examples[:4])
+    sync(device)
+    t = time.perf_counter()
+    theirs = loop(examples)
+    sync(device)
+    theirs_s = time.perf_counter() - t
+    print(f"multiple choice, {len(examples)} examples: {len(examples) / ours_s:.2f} examples/s ({dtype}); "
+          f"transformers loop {len(examples) / theirs_s:.2f} examples/s (float32); {theirs_s / ours_s:.2f}x "
+          f"(acc_norm {ours['acc_norm']:.3f} and {theirs:.3f})")
+    model.train()
+
+
 def bench_sampling(model, cfg, device, dtype):
     """Seconds to the first token and tokens/s for sample_tokens greedy tokens with the KV cache, and with
     --sample also recomputed without it."""
@@ -177,8 +234,9 @@ if __name__ == "__main__":
     device = resolve_device(cfg["device"])
     dtype = resolve_dtype(cfg["dtype"], device)
     if cfg["iters"] < 1 or cfg["warmup"] < 0 or cfg["batch_size"] < 1 or cfg["block_size"] < 1 \
-            or cfg["sample_tokens"] < 0:
-        fail("iters, batch_size and block_size must be at least 1, and warmup and sample_tokens not negative")
+            or cfg["sample_tokens"] < 0 or cfg["mc_examples"] < 0:
+        fail("iters, batch_size and block_size must be at least 1, and warmup, sample_tokens and mc_examples "
+             "not negative")
     train_data = None
     if cfg["synthetic"]:
         vocab_size = 50304
@@ -216,5 +274,7 @@ if __name__ == "__main__":
               f"{'n/a' if r['mfu'] is None else format(r['mfu'], '.1%'):>7}{r['peak_mb']:>9,.0f}")
     if cfg["compare"]:
         print(f"speed-up over fp32 eager: {rows[0]['ms_per_iter'] / rows[-1]['ms_per_iter']:.2f}x")
+    if cfg["mc_examples"] > 0:
+        bench_multiple_choice(model, cfg, device, dtype, vocab_size)
     if cfg["sample_tokens"] > 0:
         bench_sampling(model, cfg, device, dtype)

@@ -2,6 +2,7 @@
 The token files prepare.py writes, read back: a dataset's meta.json checked against its train.bin and
 val.bin, and windows of block_size tokens cut from them. train.py and bench.py both read data here.
 """
+import functools
 import os
 
 import numpy as np
@@ -29,7 +30,7 @@ class Dataset:
                        f"python prepare.py --dataset={name}")
             raise InputError(f"dataset {name!r} not found ({meta_path} is missing); make it with {command}")
         self.meta = tok.read_meta(self.dir)
-        tok.from_meta(self.meta, self.dir)  # a BPE file must be the one the bins were made with
+        self.tokenizer = tok.from_meta(self.meta, self.dir)  # a BPE file must be the one the bins were made with
         self.dtype = np.dtype(self.meta["dtype"])
         for split in ("train", "val"):
             path, tokens = os.path.join(self.dir, f"{split}.bin"), self.meta[f"{split}_tokens"]
@@ -42,6 +43,10 @@ class Dataset:
             if tokens <= block_size:
                 raise InputError(f"block_size {block_size} is longer than the {split} split ({tokens} tokens); "
                                  f"lower --block_size")
+
+    @functools.cached_property
+    def byte_lengths(self):
+        return tok.byte_lengths(self.tokenizer)
 
     def tokens(self, split):
         """The split's tokens: a fresh memmap per use, as a long-lived one keeps every page it touched resident."""

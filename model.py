@@ -75,7 +75,7 @@ def rotary_tables(head_size, length, base=10000.0):
 
 def rotate(x, cos, sin):
     """Rotate pairs of x's features (the first half against the second) by each position's angles.
-    x (B, nh, T, hs); cos and sin (T, hs // 2). Dot products of rotated queries and keys then depend
+    x (B, nh, T, hs); cos and sin (1 or B, 1, T, hs // 2). Dot products of rotated queries and keys then depend
     only on how far apart two positions are."""
     x1, x2 = x.chunk(2, dim=-1)
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
@@ -117,13 +117,13 @@ class CausalSelfAttention(nn.Module):
             self.q_norm = nn.RMSNorm(config.n_embd // config.n_head, eps=config.norm_eps)
             self.k_norm = nn.RMSNorm(config.n_embd // config.n_head, eps=config.norm_eps)
 
-    def forward(self, x, cache=None, pos=0, rope=None):
+    def forward(self, x, cache=None, pos=0, rope=None, mask=None):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
-        if rope is not None:  # the tables' rows for positions pos .. pos+T-1
+        if rope is not None:  # the tables' rows for the tokens' positions
             q, k = rotate(q, *rope), rotate(k, *rope)
         if cache is not None:
             # keys and values of earlier positions are kept, so a new token attends without recomputing them
@@ -131,9 +131,11 @@ class CausalSelfAttention(nn.Module):
             cache_k[:B, :, pos:pos + T] = k
             cache_v[:B, :, pos:pos + T] = v
             k, v = cache_k[:B, :, :pos + T], cache_v[:B, :, :pos + T]
-        # a single new query may see every cached key; a block of queries starting at 0 is causal
+        # a single new query may see every cached key; a block of queries starting at 0 is causal, unless a
+        # mask (B, T, T) says which keys each query sees
         assert pos == 0 or T == 1, "the cache is filled by one prompt at position 0, then one token at a time"
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1,
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask[:, None],
+                                           is_causal=T > 1 and mask is None,
                                            dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
@@ -172,8 +174,8 @@ class Block(nn.Module):
         self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x, cache=None, pos=0, rope=None):
-        x = x + self.attn(self.ln_1(x), cache, pos, rope)
+    def forward(self, x, cache=None, pos=0, rope=None, mask=None):
+        x = x + self.attn(self.ln_1(x), cache, pos, rope, mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -262,28 +264,39 @@ class GPT(nn.Module):
             n -= self.transformer.wpe.weight.numel()
         return n
 
-    def forward(self, idx, targets=None, cache=None, pos=0):
+    def forward(self, idx, targets=None, cache=None, pos=0, reduction="mean", positions=None, mask=None):
+        """Logits and the mean loss over targets that are not -1; with reduction="none" each target's loss
+        instead (0 where it is -1), the head computed only where there is one. Tokens sit at positions pos
+        onwards, or at positions (B, T), which with mask (B, T, T) lets one row hold several continuations of a
+        context, each at the positions that follow it and seeing only the context and itself."""
         B, T = idx.shape
-        assert pos + T <= self.config.block_size, \
-            f"sequence of {pos + T} tokens is longer than block_size {self.config.block_size}"
+        if positions is None:
+            assert pos + T <= self.config.block_size, \
+                f"sequence of {pos + T} tokens is longer than block_size {self.config.block_size}"
+            positions = torch.arange(pos, pos + T, device=idx.device)
         x = self.transformer.wte(idx)
         rope = None
         if self.config.pos == "learned":
-            x = x + self.transformer.wpe(torch.arange(pos, pos + T, dtype=torch.long, device=idx.device))
+            x = x + self.transformer.wpe(positions)
         else:
-            rope = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]
+            rope = self.rope_cos[positions].unsqueeze(-3), self.rope_sin[positions].unsqueeze(-3)
         x = self.transformer.drop(x)
         for i, block in enumerate(self.transformer.h):
             if self.recompute_blocks and torch.is_grad_enabled():
                 # keep only each block's input; its insides are computed again in the backward pass, their
                 # dropout masks drawn again from the random state saved here (Chen et al. 2016)
-                x = checkpoint(block, x, None, pos, rope, use_reentrant=False)
+                x = checkpoint(block, x, None, pos, rope, mask, use_reentrant=False)
             else:
-                x = block(x, None if cache is None else cache[i], pos, rope)
+                x = block(x, None if cache is None else cache[i], pos, rope, mask)
         x = self.transformer.ln_f(x)
         if targets is None:
             # generation needs only the last position's distribution
             return self.lm_head(x[:, [-1], :]), None
+        if reduction == "none":
+            scored = targets != -1
+            loss = torch.zeros(targets.shape, device=x.device)
+            loss[scored] = F.cross_entropy(self.lm_head(x[scored]).float(), targets[scored], reduction="none")
+            return None, loss
         logits = self.lm_head(x)
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
         return logits, loss

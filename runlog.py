@@ -88,14 +88,19 @@ class RunLog:
                              f"Free disk space or choose a writable --out_dir, then resume") from None
 
     def plot_losses(self):
-        """Train and validation loss against iterations (bottom axis) and tokens seen (top axis)."""
+        """Train and validation loss against iterations (bottom axis) and tokens seen (top axis); below, when
+        eval_tasks are scored, their acc_norm."""
         import matplotlib
         matplotlib.use("Agg")  # no display needed
         import matplotlib.pyplot as plt
         import matplotlib.ticker
         with open(os.path.join(self.out_dir, "log.jsonl")) as f:
             records = [json.loads(line) for line in f]
-        fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
+        tasks = sorted({key for r in records for key, value in r.items()
+                        if key.endswith("/acc_norm") and value is not None})
+        fig, axes = plt.subplots(1 + bool(tasks), 1, figsize=(8, 5 + 3 * bool(tasks)), dpi=120, squeeze=False,
+                                 height_ratios=[5, 3][:1 + bool(tasks)])
+        ax = axes[0, 0]
         train = [(r["iter"], r["loss"]) for r in records if "loss" in r]
         val = [(r["iter"], r["val_loss"]) for r in records if "val_loss" in r]
         if train:
@@ -116,6 +121,15 @@ class RunLog:
         ax.set_title(self.title + (f", best val {min(v for _, v in val):.3f}" if val else ""))
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
+        if tasks:
+            panel = axes[1, 0]
+            for key in tasks:
+                panel.plot(*zip(*[(r["iter"], r[key]) for r in records if r.get(key) is not None], strict=True),
+                           marker="o", ms=3, label=key.removesuffix("/acc_norm"))
+            panel.set_xlabel("iteration")
+            panel.set_ylabel("accuracy (acc_norm)")
+            panel.grid(True, alpha=0.3)
+            panel.legend()
         fig.tight_layout()
         png = io.BytesIO()
         fig.savefig(png, format="png")

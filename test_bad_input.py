@@ -59,6 +59,13 @@ def workdir(tmp_path_factory, shakespeare_char):
     (d / "wider_shards").mkdir()
     write_sharded({**state, "model": GPT(GPTConfig(**{**state["model_args"], "n_embd": 64})).state_dict()},
                   d / "wider_shards")
+    question = {"context": "ROMEO:", "choices": ["Good night.", "Farewell."], "label": 0}
+    (d / "mc_ok.jsonl").write_text(json.dumps(question) + "\n")
+    (d / "mc_not_json.jsonl").write_text(json.dumps(question) + "\n{'context': 'single quotes'}\n")
+    (d / "mc_one_choice.jsonl").write_text(json.dumps({**question, "choices": ["Alone."]}) + "\n")
+    (d / "mc_bad_label.jsonl").write_text(json.dumps({**question, "label": 2}) + "\n")
+    (d / "mc_no_context.jsonl").write_text(json.dumps({"prompt": "ROMEO:", "choices": ["a", "b"], "label": 0}) + "\n")
+    (d / "not_json.txt").write_text("notes, not results\n")
     data = d / "data"
     shutil.copytree(data / "shakespeare_char", data / "truncated")
     with open(data / "truncated" / "train.bin", "r+b") as f:
@@ -186,6 +193,36 @@ CASES = [
     pytest.param("bench.py", ["--n_head=0"], "n_head must be at least 1, got 0", id="bench-no-heads"),
     pytest.param("bench.py", ["--dropout=1.5"], "dropout must be in [0, 1)", id="bench-dropout-out-of-range"),
     pytest.param("bench.py", ["--norm=batchnorm"], "unknown norm 'batchnorm'", id="bench-unknown-norm"),
+    pytest.param("train.py", ["--eval_tasks=val"], "eval_tasks names multiple-choice tasks", id="train-eval-tasks-val"),
+    pytest.param("train.py", [*NO_STEPS, "--eval_tasks=mc:nope.jsonl"], "cannot read nope.jsonl",
+                 id="train-eval-tasks-missing-file"),
+    pytest.param("train.py", ["--eval_examples=0"], "eval_examples must be at least 1", id="train-eval-examples-0"),
+    # evaluate.py
+    pytest.param("evaluate.py", [], "evaluate a run with --out_dir=RUN or a model with --init_from",
+                 id="evaluate-nothing-to-evaluate"),
+    pytest.param("evaluate.py", ["--out_dir=ck", "--tasks=val,winogrande"],
+                 "unknown task 'winogrande'; the tasks are val, hellaswag and mc:PATH", id="evaluate-unknown-task"),
+    pytest.param("evaluate.py", ["--out_dir=ck", "--tasks=mc:nope.jsonl"], "cannot read nope.jsonl",
+                 id="evaluate-missing-task-file"),
+    pytest.param("evaluate.py", ["--out_dir=ck", "--tasks=mc:mc_not_json.jsonl"],
+                 "mc_not_json.jsonl line 2 is not JSON", id="evaluate-malformed-line"),
+    pytest.param("evaluate.py", ["--out_dir=ck", "--tasks=mc:mc_one_choice.jsonl"],
+                 "line 1: 1 choice(s); a question needs at least 2", id="evaluate-one-choice"),
+    pytest.param("evaluate.py", ["--out_dir=ck", "--tasks=mc:mc_bad_label.jsonl"],
+                 "line 1: label 2 is not the index of one of its 2 choices", id="evaluate-label-out-of-range"),
+    pytest.param("evaluate.py", ["--out_dir=ck", "--tasks=mc:mc_no_context.jsonl"], "line 1: needs 'context'",
+                 id="evaluate-missing-field"),
+    pytest.param("evaluate.py", ["--out_dir=ck", "--tasks=hellaswag"],
+                 "pass --hellaswag=FILE (hellaswag_val.jsonl from github.com/rowanz/hellaswag) or --hellaswag=FOLDER",
+                 id="evaluate-hellaswag-offline"),
+    pytest.param("evaluate.py", ["--out_dir=ck", "--tasks=hellaswag", "--hellaswag=nope"],
+                 "--hellaswag=nope is neither a file nor a folder", id="evaluate-hellaswag-missing"),
+    pytest.param("evaluate.py", ["--init_from=ck/ckpt.pt", "--dataset=other_vocab"],
+                 "prepared with a char tokenizer that is not the model's", id="evaluate-other-vocabulary"),
+    pytest.param("evaluate.py", ["--out_dir=ck", "--eval_examples=-1"], "eval_examples must be 0 (all) or more",
+                 id="evaluate-negative-examples"),
+    pytest.param("evaluate.py", ["--out_dir=ck", "--tasks=mc:mc_ok.jsonl", "--out=not_json.txt"],
+                 "not_json.txt is not a JSON object", id="evaluate-out-not-json"),
     # prepare.py
     pytest.param("prepare.py", ["--tokenizer=wordpiece"], "unknown tokenizer 'wordpiece'",
                  id="prepare-unknown-tokenizer"),

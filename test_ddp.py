@@ -23,6 +23,7 @@ import torch
 
 import conftest
 from conftest import read_log
+from test_evaluate import SHAKESPEARES, write_hellaswag
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 TRAIN = os.path.join(REPO, "train.py")
@@ -91,26 +92,27 @@ def free_port():
         return s.getsockname()[1]
 
 
-def start(args, how, cwd):
-    """train.py as "one" process, as two "ranks" given the environment torchrun gives its workers, or
-    under "torchrun"; a list of (process, its output as a function)."""
+def start(args, how, cwd, script="train.py"):
+    """train.py (or script) as "one" process, as two "ranks" given the environment torchrun gives its
+    workers, or train.py under "torchrun"; a list of (process, its output as a function)."""
     if how == "torchrun":
         return [torchrun(args, cwd)]
     if how == "one":
-        procs = [conftest.start("train.py", *args, cwd=cwd, env=ENV)]
+        procs = [conftest.start(script, *args, cwd=cwd, env=ENV)]
     else:
         env = dict(ENV, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
-        procs = [conftest.start("train.py", *args, cwd=cwd, env=dict(env, RANK=str(r), LOCAL_RANK=str(r)))
+        procs = [conftest.start(script, *args, cwd=cwd, env=dict(env, RANK=str(r), LOCAL_RANK=str(r)))
                  for r in range(2)]
     return [(p, lambda p=p: "\n".join(p.output())) for p in procs]
 
 
 def launch(*runs, cwd, timeout=TIMEOUT):
-    """Run (args, how) pairs side by side (see start); all must succeed."""
+    """Run (args, how) or (args, how, script) side by side (see start); all must succeed."""
     procs = []
     try:
-        for args, how in runs:
-            procs += [(f"train.py {' '.join(args)} ({how})", p, read) for p, read in start(args, how, cwd)]
+        for args, how, *script in runs:
+            procs += [(f"{' '.join(script) or 'train.py'} {' '.join(args)} ({how})", p, read)
+                      for p, read in start(args, how, cwd, *script)]
         deadline = time.time() + timeout
         for cmd, proc, read in procs:
             proc.wait(timeout=max(1, deadline - time.time()))
@@ -224,10 +226,19 @@ def test_full_evaluation_averages_over_ranks(runs):
     two = json.loads((d / "eval_ddp" / "eval.json").read_text())
     one = json.loads((d / "eval_single" / "eval.json").read_text())
     meta = json.loads((d / "data" / "shakespeare_char" / "meta.json").read_text())
-    assert one["tokens"] == meta["val_tokens"] - 1
+    assert one["tokens"] == meta["val_tokens"]
     assert two["tokens"] == one["tokens"]  # every val token counted once across the ranks
     assert two["val_loss"] == pytest.approx(one["val_loss"], rel=1e-5), (two["val_loss"], one["val_loss"])
     assert two["iter_num"] == one["iter_num"] == 8
+    # evaluate.py: the whole split and both kinds of multiple-choice task, exactly the numbers of one process
+    write_hellaswag(d / "hs.jsonl", 30, vocabulary=SHAKESPEARES)
+    tasks = [f"--tasks=val,hellaswag,mc:{REPO}/tasks/shakespeare.jsonl", "--hellaswag=hs.jsonl", "--device=cpu",
+             "--dtype=float32"]
+    launch(([*tasks, "--out_dir=eval_ddp", "--out=two.json"], "ranks", "evaluate.py"),
+           ([*tasks, "--out_dir=eval_single", "--out=one.json"], "one", "evaluate.py"), cwd=d)
+    two, one = (json.loads((d / name).read_text()) for name in ("two.json", "one.json"))
+    assert two.pop("checkpoint") != one.pop("checkpoint")
+    assert two == one and two["hellaswag"]["examples"] == 30 and two["bytes"] > 0
 
 
 def test_killed_worker_ends_the_whole_run(runs):

@@ -104,11 +104,13 @@ def test_best_pt_keeps_the_best_evaluation(workdir):
 
 
 def independent_val_loss(ckpt, val_path):
-    """Mean cross-entropy over val.bin in consecutive windows of block_size, one window at a time."""
+    """Mean cross-entropy over val.bin in consecutive windows of block_size, one window at a time, every token
+    predicted: the first after an end-of-text."""
     model = GPT(GPTConfig(**ckpt["model_args"]))
     model.load_state_dict(ckpt["model"])
     model.eval()
     data = torch.from_numpy(np.fromfile(val_path, dtype=np.uint16).astype(np.int64))
+    data = torch.cat([torch.tensor([ckpt["meta"]["eot_token"]]), data])
     block = ckpt["model_args"]["block_size"]
     total, count = 0.0, 0
     with torch.no_grad():
@@ -125,7 +127,7 @@ def test_eval_only_reproduces_the_final_evaluation(workdir):
     final = json.loads((out / "eval.json").read_text())
     ckpt_bytes, best_bytes = (out / "ckpt.pt").read_bytes(), (out / "best.pt").read_bytes()
     expected, count = independent_val_loss(load(out / "ckpt.pt"), workdir / "data" / "tiny" / "val.bin")
-    assert final["tokens"] == count == 4999
+    assert final["tokens"] == count == 5000
     assert final["val_loss"] == pytest.approx(expected, rel=1e-5)
     (out / "eval.json").unlink()
     run("train.py", *EVALUATED, "--out_dir=evaluated", "--eval_only=True", cwd=workdir)

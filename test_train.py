@@ -41,7 +41,7 @@ def test_training_writes_checkpoint_log_and_eval(workdir):
     assert log[-1]["loss"] < log[0]["loss"]
     evaluation = json.loads((workdir / "ck" / "eval.json").read_text())
     meta = json.loads((workdir / "data" / "shakespeare_char" / "meta.json").read_text())
-    assert evaluation["tokens"] == meta["val_tokens"] - 1  # every val token after the first is predicted once
+    assert evaluation["tokens"] == meta["val_tokens"]  # every val token is predicted once
     assert evaluation["perplexity"] == pytest.approx(math.exp(evaluation["val_loss"]))
 
 
@@ -262,14 +262,14 @@ PERIODIC = ["--dataset=periodic", "--n_layer=1", "--n_head=2", "--n_embd=32", "-
 @pytest.fixture(scope="module")
 def periodic(workdir):
     """A corpus whose next token is a function of the current one: the train split repeats the document "ab"
-    (a, b, end-of-text), the val split is one character, "c", throughout, 4 whole windows of 16 targets; and
-    a run trained on it."""
+    (a, b, end-of-text), the val split is one character, "c", throughout, 4 whole windows of 16 targets (the
+    first after an end-of-text); and a run trained on it."""
     source, data = workdir / "data" / "shakespeare_char", workdir / "data" / "periodic"
     data.mkdir()
     meta = json.loads((source / "meta.json").read_text())
     a, b, c = (meta["chars"].index(ch) for ch in "abc")
     train = np.array([a, b, meta["eot_token"]] * 1000, dtype=meta["dtype"])
-    val = np.array([c] * (4 * 16 + 1), dtype=meta["dtype"])
+    val = np.array([c] * (4 * 16), dtype=meta["dtype"])
     train.tofile(data / "train.bin")
     val.tofile(data / "val.bin")
     (data / "meta.json").write_text(json.dumps({**meta, "train_tokens": len(train), "val_tokens": len(val),
@@ -297,12 +297,21 @@ def test_training_predicts_the_next_token(workdir, periodic):
 
 
 def test_evaluation_estimates_the_val_split(workdir, periodic):
-    """Every window of the val split is the same, so the estimate from a few random windows equals the loss
-    over the whole split; and a model that never saw "c" predicts it worse than the train split."""
+    """Every window of the val split holds the same tokens, so the estimate from a few random windows equals the
+    loss of any one of them; the whole split is that window three times and, first, its tokens after an
+    end-of-text. And a model that never saw "c" predicts it worse than the train split."""
     last = read_log(workdir / "periodic" / "log.jsonl")[-1]
     evaluation = json.loads((workdir / "periodic" / "eval.json").read_text())
     assert evaluation["iter_num"] == last["iter"] == 60 and evaluation["tokens"] == 4 * 16
-    assert last["val_loss"] == pytest.approx(evaluation["val_loss"], rel=1e-4)
+    state = torch.load(workdir / "periodic" / "ckpt.pt", weights_only=True)
+    model = GPT(GPTConfig(**state["model_args"]))
+    model.load_state_dict(state["model"])
+    c = torch.full((1, 17), periodic["chars"].index("c"))
+    after_eot = torch.cat([torch.tensor([[periodic["eot_token"]]]), c[:, :15]], dim=1)
+    with torch.no_grad():
+        window, first = model(c[:, :16], c[:, 1:])[1].item(), model(after_eot, c[:, 1:])[1].item()
+    assert last["val_loss"] == pytest.approx(window, rel=1e-4)
+    assert evaluation["val_loss"] == pytest.approx((first + 3 * window) / 4, rel=1e-4)
     assert last["val_loss"] > last["train_loss"]
 
 

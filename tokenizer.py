@@ -39,6 +39,7 @@ class Tokenizer:
     encode: Callable[[str], list]  # plain text; a literal "<|endoftext|>" in it is just text
     decode: Callable[[list], str]
     encode_batch: Callable[[list], list]
+    token_bytes: Callable[[int], bytes]  # the UTF-8 bytes one id stands for (part of a character, for a BPE)
     meta: dict  # the fields that go into meta.json to rebuild this tokenizer
 
 
@@ -49,7 +50,7 @@ def _tiktoken(name, ranks, meta):
         name=meta["tokenizer"], vocab_size=enc.n_vocab, eot_token=eot,
         encode=enc.encode_ordinary, decode=enc.decode,
         encode_batch=lambda texts: enc.encode_ordinary_batch(texts, num_threads=1),
-        meta=meta)
+        token_bytes=enc.decode_single_token_bytes, meta=meta)
 
 
 def dataset_dir(name):
@@ -186,7 +187,14 @@ def char(chars):
 
     return Tokenizer(name="char", vocab_size=eot + 1, eot_token=eot, encode=encode, decode=decode,
                      encode_batch=lambda texts: [encode(t) for t in texts],
-                     meta={"tokenizer": "char", "chars": "".join(chars)})
+                     token_bytes=lambda i: decode([i]).encode(), meta={"tokenizer": "char", "chars": "".join(chars)})
+
+
+def byte_lengths(t):
+    """How many UTF-8 bytes of text each id stands for, end-of-text none: the denominator of bits per byte."""
+    lengths = [len(t.token_bytes(i)) for i in range(t.vocab_size)]
+    lengths[t.eot_token] = 0
+    return lengths
 
 
 def from_meta(meta, data_dir="."):

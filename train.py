@@ -35,7 +35,7 @@ import checkpoint as ckpt
 from bench import measure_peak_flops
 from configurator import allow_tf32, autocast, defaults_from, fail, overrides, resolve_device, resolve_dtype
 from dataloader import Dataset, batches
-from evaluate import all_reduce_sum, estimate_loss, evaluate_split
+from evaluate import all_reduce_sum, describe, estimate_loss, evaluate_split, load_task, multiple_choice, task_names
 from model import GPT, GPTConfig
 from runlog import RunLog, memory_report
 
@@ -49,6 +49,9 @@ eval_iters = 50  # batches per split in the quick estimate made at each eval
 eval_only = False  # evaluate out_dir's checkpoint (or what init_from names) on the whole val split, then exit
 always_save_checkpoint = True  # save ckpt.pt at every eval, not only when val loss improves
 final_eval = True  # after training, evaluate the whole validation split into eval.json
+eval_tasks = ""  # multiple-choice tasks scored at every evaluation, comma-separated: hellaswag, mc:PATH
+eval_examples = 500  # the first N examples of each of eval_tasks
+hellaswag = ""  # HellaSwag's validation set: hellaswag_val.jsonl, or a folder of the hub dataset; default: the hub
 plot = True  # redraw out_dir/loss.png at every eval
 plot_log_scale = True  # logarithmic loss axis
 # wandb
@@ -109,9 +112,10 @@ seed = 1337
 # logging, and the hardware it runs on; not the architecture, the data or the batch.
 MAY_CHANGE_ON_RESUME = {"init_from", "eval_only", "max_iters", "target_flops", "learning_rate", "muon_lr", "decay_lr",
                         "lr_schedule", "decay_frac", "warmup_iters", "lr_decay_iters", "min_lr", "grad_clip",
-                        "eval_interval", "log_interval", "eval_iters", "always_save_checkpoint", "final_eval", "plot",
-                        "plot_log_scale", "wandb_log", "wandb_project", "wandb_run_name", "device", "dtype", "compile",
-                        "parallel", "backend", "ddp_timeout", "activation_checkpointing"}
+                        "eval_interval", "log_interval", "eval_iters", "always_save_checkpoint", "final_eval",
+                        "eval_tasks", "eval_examples", "hellaswag", "plot", "plot_log_scale", "wandb_log",
+                        "wandb_project", "wandb_run_name", "device", "dtype", "compile", "parallel",
+                        "backend", "ddp_timeout", "activation_checkpointing"}
 defaults = defaults_from(globals())
 given = overrides(defaults, sys.argv[1:])
 config = {**defaults, **given}
@@ -140,7 +144,8 @@ signal.signal(signal.SIGINT, stop_before_training)
 signal.signal(signal.SIGTERM, stop_before_training)
 
 # ranges that would only fail later, less clearly; model.py judges the model's own
-for key in ("batch_size", "max_iters", "gradient_accumulation_steps", "eval_interval", "log_interval", "eval_iters"):
+for key in ("batch_size", "max_iters", "gradient_accumulation_steps", "eval_interval", "log_interval", "eval_iters",
+            "eval_examples"):
     if config[key] < 1 and not (key == "max_iters" and config[key] == 0):
         fail(f"{key} must be at least 1, got {config[key]}")
 model_args = {f.name: config[f.name] for f in fields(GPTConfig) if f.name in config}  # vocab_size: the data's
@@ -156,6 +161,9 @@ for key, valid in (("optimizer", ("adamw", "muon")), ("lr_schedule", ("cosine", 
                    ("parallel", ("ddp", "fsdp"))):
     if config[key] not in valid:
         fail(f"unknown {key} {config[key]!r}; use {' or '.join(valid)}")
+if "val" in task_names(eval_tasks):
+    fail("eval_tasks names multiple-choice tasks (hellaswag, mc:PATH); every evaluation already estimates val_loss "
+         "and val_bpb, and the final one measures the whole val split")
 if not 0 < decay_frac <= 1:
     fail(f"decay_frac must be in (0, 1], got {decay_frac}")
 if lora_rank and init_from == "scratch":
@@ -227,6 +235,7 @@ def log(*args):
 # data (prepare.py's token files), model, optimizer, state
 data = Dataset(dataset, block_size)  # a resumed run's dataset name comes from its checkpoint
 meta = data.meta
+mc_tasks = [load_task(name, data.tokenizer, eval_examples, hellaswag) for name in task_names(eval_tasks)]
 vocab_size = meta["vocab_size"]
 if vocab_size > 1024:
     vocab_size = (vocab_size + 63) // 64 * 64  # multiples of 64 make the head's matmul faster
@@ -356,14 +365,24 @@ def save_checkpoint(name):
     ckpt.save_run(state, raw_model, opt, os.path.join(out_dir, name + suffix))
 
 
+def task_results():
+    """eval_tasks' scores on their first eval_examples examples (all processes take part)."""
+    return {key: multiple_choice(raw_model, encoded, skipped, mixed_precision, device)
+            for key, encoded, skipped in mc_tasks}
+
+
 def final_evaluation():
-    """The whole validation split, into out_dir/eval.json (all processes take part)."""
-    val_loss, n = evaluate_split(raw_model, data.tokens("val"), block_size, batch_size, mixed_precision, device)
-    result = {"val_loss": val_loss, "perplexity": math.exp(val_loss), "tokens": n, "iter_num": iter_num,
-              "dataset": dataset, "checkpoint": resume_path if eval_only else ckpt_path, "config": config}
+    """The whole validation split and eval_tasks, into out_dir/eval.json (all processes take part)."""
+    result = evaluate_split(raw_model, data.tokens("val"), block_size, batch_size, data.byte_lengths,
+                            data.tokenizer.eot_token, mixed_precision, device)
+    log(describe("val", result))
+    scores = task_results()
+    for key, score in scores.items():
+        log(describe(key, score))
+    result |= scores | {"iter_num": iter_num, "dataset": dataset,
+                        "checkpoint": resume_path if eval_only else ckpt_path, "config": config}
     runlog.write("eval.json", json.dumps(result, indent=1))
-    log(f"full validation split: loss {val_loss:.4f}, perplexity {math.exp(val_loss):.2f} over {n:,} tokens "
-        f"-> {os.path.join(out_dir, 'eval.json')}")
+    log(f"-> {os.path.join(out_dir, 'eval.json')}")
 
 
 def shut_down():
@@ -468,10 +487,13 @@ while iter_num < max_iters:
     if iter_num % eval_interval == 0 or iter_num == max_iters:
         losses = estimate_loss(model, data, batch_size, eval_iters, seed, mixed_precision, device)
         check_finite(losses["train"] + losses["val"], "the evaluation loss")
+        scores = {f"{key}/{m}": result[m] for key, result in task_results().items() for m in ("acc", "acc_norm")}
         log(f"eval at iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, "
-            f"val perplexity {math.exp(losses['val']):.2f}")
+            f"val perplexity {math.exp(losses['val']):.2f}, val bpb {losses['val_bpb']:.4f}" +
+            "".join(f", {key} {'n/a' if value is None else format(value, '.4f')}" for key, value in scores.items()))
         record = dict(record or {"iter": iter_num, "tokens": iter_num * tokens_per_iter},
-                      train_loss=losses["train"], val_loss=losses["val"], val_perplexity=math.exp(losses["val"]))
+                      train_loss=losses["train"], val_loss=losses["val"], val_perplexity=math.exp(losses["val"]),
+                      val_bpb=losses["val_bpb"], **scores)
         improved = losses["val"] < best_val_loss
         best_val_loss = min(best_val_loss, losses["val"])
         if improved:
