@@ -230,15 +230,16 @@ def test_full_evaluation_averages_over_ranks(runs):
     assert two["tokens"] == one["tokens"]  # every val token counted once across the ranks
     assert two["val_loss"] == pytest.approx(one["val_loss"], rel=1e-5), (two["val_loss"], one["val_loss"])
     assert two["iter_num"] == one["iter_num"] == 8
-    # evaluate.py: the whole split and both kinds of multiple-choice task, exactly the numbers of one process
-    write_hellaswag(d / "hs.jsonl", 30, vocabulary=SHAKESPEARES)
+    # evaluate.py: the whole split and both kinds of multiple-choice task, exactly the numbers of one process;
+    # 200 examples make several forwards to share
+    write_hellaswag(d / "hs.jsonl", 200, vocabulary=SHAKESPEARES)
     tasks = [f"--tasks=val,hellaswag,mc:{REPO}/tasks/shakespeare.jsonl", "--hellaswag=hs.jsonl", "--device=cpu",
              "--dtype=float32"]
     launch(([*tasks, "--out_dir=eval_ddp", "--out=two.json"], "ranks", "evaluate.py"),
            ([*tasks, "--out_dir=eval_single", "--out=one.json"], "one", "evaluate.py"), cwd=d)
     two, one = (json.loads((d / name).read_text()) for name in ("two.json", "one.json"))
     assert two.pop("checkpoint") != one.pop("checkpoint")
-    assert two == one and two["hellaswag"]["examples"] == 30 and two["bytes"] > 0
+    assert two == one and two["hellaswag"]["examples"] == 200 and two["bytes"] > 0
 
 
 def test_killed_worker_ends_the_whole_run(runs):

@@ -211,8 +211,18 @@ def char_run(tmp_path_factory, shakespeare_char):
     d = tmp_path_factory.mktemp("evaluate")
     shakespeare_char(d)
     run("train.py", "--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=64", "--batch_size=4", "--max_iters=4",
-        "--eval_interval=4", "--eval_iters=1", "--plot=False", "--out_dir=run", cwd=d)
+        "--eval_interval=2", "--eval_iters=1", f"--eval_tasks=mc:{REPO}/tasks/shakespeare.jsonl", "--eval_examples=8",
+        "--out_dir=run", cwd=d)
     return d
+
+
+def test_training_scores_eval_tasks_at_every_evaluation(char_run):
+    evaluations = [r for r in conftest.read_log(char_run / "run" / "log.jsonl") if "val_loss" in r]
+    assert [r["iter"] for r in evaluations] == [2, 4]
+    assert all(0 <= r["mc:shakespeare/acc_norm"] <= 1 and r["val_bpb"] > 0 for r in evaluations)
+    final = json.loads((char_run / "run" / "eval.json").read_text())
+    assert final["mc:shakespeare"]["examples"] == 8 and final["val_bpb"] > 0
+    assert (char_run / "run" / "loss.png").stat().st_size > 0  # with a panel for the task
 
 
 def test_the_script_adds_val_and_tasks_to_the_runs_eval_json(char_run):

@@ -311,6 +311,7 @@ def test_evaluation_estimates_the_val_split(workdir, periodic):
     with torch.no_grad():
         window, first = model(c[:, :16], c[:, 1:])[1].item(), model(after_eot, c[:, 1:])[1].item()
     assert last["val_loss"] == pytest.approx(window, rel=1e-4)
+    assert last["val_bpb"] == pytest.approx(window / math.log(2), rel=1e-4)  # a byte per token, none end-of-text
     assert evaluation["val_loss"] == pytest.approx((first + 3 * window) / 4, rel=1e-4)
     assert last["val_loss"] > last["train_loss"]
 
