@@ -90,7 +90,8 @@ def estimate_loss(model, data, batch_size, eval_iters, seed, mixed_precision, de
             text_bytes += lengths[y.cpu()].sum().item()
         total, text_loss, text_bytes, n = all_reduce_sum([total, text_loss, text_bytes, eval_iters], device)
         out[split] = total / n
-    out["val_bpb"] = text_loss / math.log(2) / text_bytes
+        if split == "val":
+            out["val_bpb"] = text_loss / math.log(2) / text_bytes
     model.train(training)
     return out
 
