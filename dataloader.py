@@ -46,6 +46,7 @@ class Dataset:
 
     @functools.cached_property
     def byte_lengths(self):
+        """Each token id's UTF-8 bytes, for bits per byte: read once, as a GPT-2 vocabulary takes a while."""
         return tok.byte_lengths(self.tokenizer)
 
     def tokens(self, split):

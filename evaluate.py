@@ -19,6 +19,7 @@ import sys
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from tqdm import tqdm
 
 import checkpoint as ckpt
@@ -82,8 +83,9 @@ def estimate_loss(model, data, batch_size, eval_iters, seed, mixed_precision, de
         for _ in range(eval_iters):
             starts = torch.randint(len(tokens) - data.block_size, (batch_size,), generator=gen).tolist()
             x, y = windows(tokens, starts, data.block_size, device)
-            with mixed_precision:
-                losses = model(x, y, reduction="none")[1].float()
+            with mixed_precision:  # the training forward, which a compiled model runs without a graph break
+                logits = model(x, y)[0]
+            losses = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view_as(y)
             total += losses.mean().item()
             text = y != data.tokenizer.eot_token
             text_loss += losses[text].sum().item()
@@ -138,34 +140,39 @@ def evaluate_split(model, tokens, block_size, batch_size, byte_lengths, eot, mix
 # multiple-choice tasks: each choice is scored by its tokens' loss after the context's, as in build-nanogpt
 # and the Eleuther harness; acc picks the lowest summed loss, acc_norm the lowest loss per token
 def task_names(spec):
-    """The tasks a comma-separated spec names, each checked."""
+    """The tasks a comma-separated spec names, each checked, none named twice in results."""
     names = [name.strip() for name in spec.split(",") if name.strip()]
     for name in names:
         if name not in ("val", "hellaswag") and not (name.startswith("mc:") and len(name) > 3):
             raise InputError(f"unknown task {name!r}; the tasks are {TASKS}")
+    keys = [task_key(name) for name in names]
+    for key in keys:
+        if keys.count(key) > 1:
+            raise InputError(f"tasks names {key} twice (results are kept by the file's name without its folder); "
+                             f"name each task once, renaming one of two files of the same name")
     return names
 
 
 def task_key(name):
     """A task's name in results and logs: hellaswag, or mc: and the file's name without its suffix."""
-    return f"mc:{os.path.basename(name[3:]).split('.')[0]}" if name.startswith("mc:") else name
+    return f"mc:{os.path.splitext(os.path.basename(name[3:]))[0]}" if name.startswith("mc:") else name
 
 
 def read_jsonl(path):
     """(line number, object) for each non-blank line of a jsonl file."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, "rb") as f:
             lines = f.readlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"cannot read {path} ({getattr(e, 'strerror', None) or type(e).__name__}); "
-                         f"give a jsonl file, one JSON object per line") from None
+    except OSError as e:
+        raise InputError(f"cannot read {path} ({e.strerror}); give a jsonl file, one JSON object per line") from None
     records = []
     for n, line in enumerate(lines, 1):
         if line.strip():
             try:
-                record = json.loads(line)
-            except ValueError as e:
-                raise InputError(f"{path} line {n} is not JSON ({e}); each line must be one JSON object") from None
+                record = json.loads(line.decode("utf-8"))
+            except ValueError as e:  # UnicodeDecodeError included
+                raise InputError(f"{path} line {n} is not JSON in UTF-8 ({e}); each line must be one JSON object") \
+                    from None
             if not isinstance(record, dict):
                 raise InputError(f"{path} line {n} is not a JSON object; each line must be one")
             records.append((n, record))
@@ -210,9 +217,10 @@ def hellaswag_examples(source):
         if source:
             raise InputError(f"could not read HellaSwag's validation split from {source} ({type(e).__name__}: "
                              f"{(str(e).splitlines() or [''])[0]})") from None
-        raise InputError(f"could not load {HELLASWAG_HUB} from the Hugging Face hub ({type(e).__name__}); without "
-                         f"internet, pass --hellaswag=FILE (hellaswag_val.jsonl from github.com/rowanz/hellaswag) "
-                         f"or --hellaswag=FOLDER (a copy of the hub dataset's files)") from None
+        raise InputError(f"could not load {HELLASWAG_HUB} from the Hugging Face hub ({type(e).__name__}: "
+                         f"{(str(e).splitlines() or [''])[0]}); without internet, pass --hellaswag=FILE "
+                         f"(hellaswag_val.jsonl from github.com/rowanz/hellaswag) or --hellaswag=FOLDER (a copy of "
+                         f"the hub dataset's files)") from None
     return checked(enumerate(rows, 1), source or HELLASWAG_HUB, "ctx", "endings")
 
 
@@ -234,19 +242,24 @@ def load_task(name, tokenizer, examples=0, hellaswag_source=""):
 def choice_losses(model, encoded, mixed_precision, device, progress=False):
     """(summed loss, tokens scored) of every choice of every example, in order. An example's choices share a
     row: the context once, then each choice at the positions that follow it, seeing only the context and
-    itself, so a forward computes the context once, not once per choice. Where the context and the longest
-    choice are more than the model's context, the context is cropped from the left (every choice is scored
-    after the same tokens), and a choice longer than the model's context is scored on its first block_size
-    tokens. Rows of similar length share a forward."""
+    itself, so a forward computes the context once, not once per choice. A choice whose sequence is longer
+    than the model's context has a row of its own, cropped from the left: as the context's tokens then differ
+    from choice to choice, they cannot be shared. Rows of similar length share a forward."""
     block_size, vocab_size = model.config.block_size, model.config.vocab_size
     rows, first = [], 0  # (context, choices, the choices' indices among all)
     for context, choices, _ in encoded:
-        choices = [c[:block_size] for c in choices]
-        rows.append((context[-(block_size + 1 - max(map(len, choices))):], choices,
-                     range(first, first + len(choices))))
+        indices = range(first, first + len(choices))
         first += len(choices)
+        if len(context) + max(map(len, choices)) <= block_size + 1:
+            rows.append((context, choices, indices))
+            continue
+        for choice, i in zip(choices, indices, strict=True):
+            sequence = (context + choice)[-(block_size + 1):]
+            scored = min(len(choice), block_size)
+            rows.append((sequence[:-scored], [sequence[-scored:]], [i]))
     length = [len(context) - 1 + sum(map(len, choices)) for context, choices, _ in rows]
-    # up to 2**27 floats of logits per forward, or 4096 tokens
+    # tokens per forward: enough for the matmuls to run near their peak, few enough that the activations and
+    # the scored tokens' logits (at most 2**27 floats) stay small
     budget = max(block_size, min(4096, 2 ** 27 // vocab_size))
     plan, forward = [], []
     for r in sorted(range(len(rows)), key=lambda r: -length[r]):
@@ -268,19 +281,19 @@ def choice_losses(model, encoded, mixed_precision, device, progress=False):
         choice = torch.full(x.shape, -1, dtype=torch.int64)  # the index of the choice a target belongs to
         for row, r in enumerate(forward):
             context, choices, indices = rows[r]
-            t = len(context) - 1
-            x[row, :t], positions[row, :t], segment[row, :t] = torch.tensor(context[:-1]), torch.arange(t), 0
+            at = len(context) - 1
+            x[row, :at], positions[row, :at], segment[row, :at] = torch.tensor(context[:-1]), torch.arange(at), 0
             for j, (tokens, i) in enumerate(zip(choices, indices, strict=True)):
                 n = len(tokens)
-                x[row, t:t + n] = torch.tensor(context[-1:] + tokens[:-1])
-                y[row, t:t + n] = torch.tensor(tokens)
-                positions[row, t:t + n] = torch.arange(len(context) - 1, len(context) - 1 + n)
-                segment[row, t:t + n], choice[row, t:t + n] = j + 1, i
-                t += n
+                x[row, at:at + n] = torch.tensor(context[-1:] + tokens[:-1])
+                y[row, at:at + n] = torch.tensor(tokens)
+                positions[row, at:at + n] = torch.arange(len(context) - 1, len(context) - 1 + n)
+                segment[row, at:at + n], choice[row, at:at + n] = j + 1, i
+                at += n
         causal = torch.ones(T, T, dtype=torch.bool).tril()
         mask = causal & ((segment[:, None, :] == 0) | (segment[:, None, :] == segment[:, :, None]))
         with mixed_precision:
-            losses = model(*(to_device(t, device) for t in (x, y)), reduction="none",
+            losses = model(to_device(x, device), to_device(y, device), reduction="none",
                            positions=to_device(positions, device), mask=to_device(mask, device))[1].cpu()
         scored = choice >= 0
         sums.index_add_(0, choice[scored], losses[scored].double())
@@ -302,6 +315,33 @@ def multiple_choice(model, encoded, skipped, mixed_precision, device, progress=F
     n = len(encoded)
     return {"acc": correct / n if n else None, "acc_norm": correct_norm / n if n else None, "examples": n,
             "skipped": skipped}
+
+
+def earlier_results(path, checkpoint, iter_num, refuse_other):
+    """What the results file at path holds about this checkpoint at this iteration, to keep beside new
+    results: {} where there is none, or where the file describes another model or an earlier state of the
+    run and is to be replaced. With refuse_other (a file the user named), a file that is not a JSON object
+    or describes another model is refused rather than written over."""
+    folder = os.path.dirname(path) or "."
+    if not os.path.isdir(folder) or os.path.isdir(path):
+        why = "it is a folder" if os.path.isdir(path) else f"there is no folder {folder}"
+        raise InputError(f"cannot write results to {path}: {why}; pass --out=FILE in a folder that exists")
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            earlier = json.load(f)
+    except (OSError, ValueError):
+        earlier = None
+    if isinstance(earlier, dict) and earlier.get("iter_num") == iter_num and \
+            os.path.normpath(str(earlier.get("checkpoint"))) == os.path.normpath(checkpoint):
+        return earlier
+    if refuse_other:
+        held = (f"holds the results of {earlier.get('checkpoint')} at iteration {earlier.get('iter_num')}"
+                if isinstance(earlier, dict) else "is not a JSON object")
+        at = "" if iter_num is None else f" at iteration {iter_num}"
+        raise InputError(f"{path} {held}, not of {checkpoint}{at}; move it away or pass another --out")
+    return {}
 
 
 def describe(key, result):
@@ -337,14 +377,18 @@ if __name__ == "__main__":
     master = process()[0] == 0
 
     source = ckpt.find(out_dir, checkpoint_name) if out_dir else init_from
-    if source.endswith(ckpt.SUFFIXES):  # a run's checkpoint: its own tokenizer and dataset
+    results = {"checkpoint": source}
+    named_out = bool(out)
+    if source.endswith(ckpt.SUFFIXES):  # a run's checkpoint: its own tokenizer, dataset and eval.json
         saved = ckpt.load(source)
         model, tokenizer = ckpt.model_from(saved, source), ckpt.tokenizer_from(saved)
         dataset = dataset or saved["config"].get("dataset", "")
         out = out or os.path.join(os.path.dirname(source), "eval.json")
+        results["iter_num"] = saved.get("iter_num")
         saved = None
     else:
         model, tokenizer = ckpt.base_model(source), tok.gpt2()
+    earlier = earlier_results(out, source, results.get("iter_num"), named_out) if out else {}
     model.to(device)
     loaded = [load_task(name, tokenizer, eval_examples, hellaswag) for name in names if name != "val"]
     if "val" in names:
@@ -356,17 +400,6 @@ if __name__ == "__main__":
             fail(f"dataset {dataset!r} was prepared with a {data.meta['tokenizer']} tokenizer that is not the "
                  f"model's; pass --dataset=NAME of a dataset prepared with the model's tokenizer")
 
-    earlier = {}  # what out already holds: kept, and never written over with less
-    if master and out and os.path.exists(out):
-        try:
-            with open(out, encoding="utf-8") as f:
-                earlier = json.load(f)
-            assert isinstance(earlier, dict)
-        except (OSError, ValueError, AssertionError):
-            fail(f"{out} is not a JSON object, so the results cannot be merged into it; move it away or pass "
-                 f"--out=ANOTHER.json")
-
-    results = {"checkpoint": source}
     for name in names:
         if name == "val":
             result = evaluate_split(model, data.tokens("val"), model.config.block_size, 1, data.byte_lengths,
@@ -379,9 +412,12 @@ if __name__ == "__main__":
         if master:
             print(describe(key, result), flush=True)
     if master and out:
-        with open(out + ".tmp", "w", encoding="utf-8") as f:
-            json.dump(earlier | results, f, indent=1)
-        os.replace(out + ".tmp", out)
+        try:
+            with open(out + ".tmp", "w", encoding="utf-8") as f:
+                json.dump(earlier | results, f, indent=1)
+            os.replace(out + ".tmp", out)
+        except OSError as e:
+            fail(f"could not write {out} ({e.strerror}); the results are above")
         print(f"-> {out}")
     elif master:
         print(json.dumps(results, indent=1))

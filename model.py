@@ -270,6 +270,7 @@ class GPT(nn.Module):
         onwards, or at positions (B, T), which with mask (B, T, T) lets one row hold several continuations of a
         context, each at the positions that follow it and seeing only the context and itself."""
         B, T = idx.shape
+        assert reduction in ("mean", "none"), f"reduction {reduction!r}: mean or none"
         if positions is None:
             assert pos + T <= self.config.block_size, \
                 f"sequence of {pos + T} tokens is longer than block_size {self.config.block_size}"

@@ -196,7 +196,8 @@ CASES = [
     pytest.param("train.py", ["--eval_tasks=val"], "eval_tasks names multiple-choice tasks", id="train-eval-tasks-val"),
     pytest.param("train.py", [*NO_STEPS, "--eval_tasks=mc:nope.jsonl"], "cannot read nope.jsonl",
                  id="train-eval-tasks-missing-file"),
-    pytest.param("train.py", ["--eval_examples=0"], "eval_examples must be at least 1", id="train-eval-examples-0"),
+    pytest.param("train.py", ["--eval_examples=-1"], "eval_examples must be 0 (all) or more",
+                 id="train-negative-eval-examples"),
     # evaluate.py
     pytest.param("evaluate.py", [], "evaluate a run with --out_dir=RUN or a model with --init_from",
                  id="evaluate-nothing-to-evaluate"),
@@ -222,7 +223,11 @@ CASES = [
     pytest.param("evaluate.py", ["--out_dir=ck", "--eval_examples=-1"], "eval_examples must be 0 (all) or more",
                  id="evaluate-negative-examples"),
     pytest.param("evaluate.py", ["--out_dir=ck", "--tasks=mc:mc_ok.jsonl", "--out=not_json.txt"],
-                 "not_json.txt is not a JSON object", id="evaluate-out-not-json"),
+                 "not_json.txt is not a JSON object, not of ck/ckpt.pt at iteration 2", id="evaluate-out-not-json"),
+    pytest.param("evaluate.py", ["--out_dir=ck", "--tasks=mc:mc_ok.jsonl", "--out=nowhere/results.json"],
+                 "there is no folder nowhere", id="evaluate-out-in-missing-folder"),
+    pytest.param("evaluate.py", ["--out_dir=ck", "--tasks=mc:mc_ok.jsonl,mc:bogus/mc_ok.jsonl"],
+                 "tasks names mc:mc_ok twice", id="evaluate-task-named-twice"),
     # prepare.py
     pytest.param("prepare.py", ["--tokenizer=wordpiece"], "unknown tokenizer 'wordpiece'",
                  id="prepare-unknown-tokenizer"),

@@ -31,7 +31,8 @@ TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
 TINY = ["--dataset=shakespeare_char", "--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32",
         "--batch_size=4", "--device=cpu", "--dtype=float32", "--log_interval=1", "--eval_iters=2",
         "--warmup_iters=2", "--lr_decay_iters=20", "--dropout=0.0"]
-RUN8 = ["--gradient_accumulation_steps=2", "--max_iters=8", "--eval_interval=8", "--final_eval=False"]
+RUN8 = ["--gradient_accumulation_steps=2", "--max_iters=8", "--eval_interval=8", "--final_eval=False",
+        f"--eval_tasks=hellaswag,mc:{REPO}/tasks/shakespeare.jsonl", "--hellaswag=hs.jsonl"]
 TOL = dict(rel=1e-5, abs=1e-5)
 TIMEOUT = 240
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
@@ -144,6 +145,7 @@ def runs(tmp_path_factory, shakespeare_char):
     """One prepared dataset; 8 iterations of the same global batch in one process (single/) and in two (ddp/)."""
     d = tmp_path_factory.mktemp("ddp")
     shakespeare_char(d)
+    write_hellaswag(d / "hs.jsonl", 200, vocabulary=SHAKESPEARES)  # several forwards to share
     launch(([*TINY, *RUN8, "--out_dir=single"], "one"), ([*TINY, *RUN8, "--out_dir=ddp"], "torchrun"), cwd=d)
     # what the 8-iteration ddp run left, before any test adds to it
     files = sorted(os.listdir(d / "ddp"))
@@ -163,6 +165,20 @@ def test_two_processes_match_one_with_the_same_global_batch(runs):
     print(f"\nDDP equivalence (2 processes vs 1, gradient_accumulation_steps=2): {report}")
     assert [ddp[i] for i in sorted(ddp)] == pytest.approx([single[i] for i in sorted(single)], **TOL), report
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a), report
+
+
+def test_eval_tasks_scored_by_two_processes_as_by_one(runs):
+    """The 8-iteration run's scores, its two processes sharing the forwards, are exactly those evaluate.py
+    gives its checkpoint in one process."""
+    d, _ = runs
+    logged = next(r for r in read_log(d / "ddp" / "log.jsonl") if r["iter"] == 8 and "val_loss" in r)
+    p = conftest.run("evaluate.py", "--init_from=ddp_ckpt8.pt", f"--tasks=hellaswag,mc:{REPO}/tasks/shakespeare.jsonl",
+                     "--hellaswag=hs.jsonl", "--device=cpu", "--dtype=float32", "--out=ddp_tasks.json", cwd=d, env=ENV)
+    assert p.returncode == 0, p.stderr
+    one = json.loads((d / "ddp_tasks.json").read_text())
+    assert one["hellaswag"]["examples"] == 200
+    assert {k: v for k, v in logged.items() if "/" in k} == {
+        f"{task}/{m}": one[task][m] for task in ("hellaswag", "mc:shakespeare") for m in ("acc", "acc_norm")}
 
 
 def test_muon_two_processes_match_one(runs):
@@ -230,9 +246,7 @@ def test_full_evaluation_averages_over_ranks(runs):
     assert two["tokens"] == one["tokens"]  # every val token counted once across the ranks
     assert two["val_loss"] == pytest.approx(one["val_loss"], rel=1e-5), (two["val_loss"], one["val_loss"])
     assert two["iter_num"] == one["iter_num"] == 8
-    # evaluate.py: the whole split and both kinds of multiple-choice task, exactly the numbers of one process;
-    # 200 examples make several forwards to share
-    write_hellaswag(d / "hs.jsonl", 200, vocabulary=SHAKESPEARES)
+    # evaluate.py: the whole split and both kinds of multiple-choice task, exactly the numbers of one process
     tasks = [f"--tasks=val,hellaswag,mc:{REPO}/tasks/shakespeare.jsonl", "--hellaswag=hs.jsonl", "--device=cpu",
              "--dtype=float32"]
     launch(([*tasks, "--out_dir=eval_ddp", "--out=two.json"], "ranks", "evaluate.py"),

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 import conftest
 import tokenizer as tok
-from evaluate import choice_losses, evaluate_split, load_task
+from evaluate import choice_losses, evaluate_split, load_task, multiple_choice
 from model import GPT, GPTConfig
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -111,24 +111,32 @@ def test_choices_packed_in_a_row_score_as_one_forward_each(pos):
     torch.manual_seed(0)
     block = 16
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=block, vocab_size=50, pos=pos,
-                          dropout=0.5)).eval()
+                          dropout=0.5))
     rng = random.Random(0)
     encoded = [([rng.randrange(50) for _ in range(rng.randint(1, 30))],
                 [[rng.randrange(50) for _ in range(rng.randint(1, 20))] for _ in range(rng.randint(2, 5))], 0)
                for _ in range(40)]
+    got = choice_losses(model, encoded, nullcontext(), "cpu")  # in training mode, dropout 0.5: none is drawn
+    assert model.training  # as it was
     expected = []
     with torch.no_grad():
         for context, choices, _ in encoded:
-            choices = [c[:block] for c in choices]
-            context = context[-(block + 1 - max(map(len, choices))):]
-            for choice in choices:
-                x = torch.tensor([context + choice[:-1]])
-                logits, _ = model(x, x)
-                expected.append(F.cross_entropy(logits[0, -len(choice):], torch.tensor(choice), reduction="sum"))
-    got = choice_losses(model, encoded, nullcontext(), "cpu")
+            for choice in choices:  # each sequence cropped from the left to the model's context
+                sequence = (context + choice)[-(block + 1):]
+                scored = min(len(choice), block)
+                logits, _ = model.eval()(torch.tensor([sequence[:-1]]), torch.tensor([sequence[1:]]))
+                expected.append(F.cross_entropy(logits[0, -scored:], torch.tensor(sequence[-scored:]),
+                                                reduction="sum"))
     assert np.allclose(got[:, 0], torch.stack(expected).numpy(), rtol=1e-5, atol=1e-5)
     assert got[:, 1].tolist() == [min(len(c), block) for _, choices, _ in encoded for c in choices]
-    assert not model.training  # as it was
+
+
+def test_ties_go_to_the_lower_index():
+    """Two equal choices score equally: the first is picked, right when the label is 0 and wrong when it is 1."""
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=20))
+    encoded = [([1, 2, 3], [[4, 5], [4, 5]], label) for label in (0, 1)]
+    result = multiple_choice(model, encoded, 0, nullcontext(), "cpu")
+    assert result == {"acc": 0.5, "acc_norm": 0.5, "examples": 2, "skipped": 0}
 
 
 DOCS = ["The café's naïve piano — “quoted” twice.\nA second line, and 42 numbers.",
@@ -223,6 +231,13 @@ def test_training_scores_eval_tasks_at_every_evaluation(char_run):
     final = json.loads((char_run / "run" / "eval.json").read_text())
     assert final["mc:shakespeare"]["examples"] == 8 and final["val_bpb"] > 0
     assert (char_run / "run" / "loss.png").stat().st_size > 0  # with a panel for the task
+    # the same 8 examples scored by evaluate.py on the same weights (the run's dtype: auto)
+    run("evaluate.py", "--out_dir=run", f"--tasks=mc:{REPO}/tasks/shakespeare.jsonl", "--eval_examples=8",
+        "--out=tasks8.json", cwd=char_run)
+    alone = json.loads((char_run / "tasks8.json").read_text())["mc:shakespeare"]
+    assert alone == final["mc:shakespeare"]
+    assert {m: evaluations[-1][f"mc:shakespeare/{m}"] for m in ("acc", "acc_norm")} == \
+        {m: alone[m] for m in ("acc", "acc_norm")}
 
 
 def test_the_script_adds_val_and_tasks_to_the_runs_eval_json(char_run):

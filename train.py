@@ -35,7 +35,16 @@ import checkpoint as ckpt
 from bench import measure_peak_flops
 from configurator import allow_tf32, autocast, defaults_from, fail, overrides, resolve_device, resolve_dtype
 from dataloader import Dataset, batches
-from evaluate import all_reduce_sum, describe, estimate_loss, evaluate_split, load_task, multiple_choice, task_names
+from evaluate import (
+    all_reduce_sum,
+    describe,
+    earlier_results,
+    estimate_loss,
+    evaluate_split,
+    load_task,
+    multiple_choice,
+    task_names,
+)
 from model import GPT, GPTConfig
 from runlog import RunLog, memory_report
 
@@ -50,7 +59,7 @@ eval_only = False  # evaluate out_dir's checkpoint (or what init_from names) on 
 always_save_checkpoint = True  # save ckpt.pt at every eval, not only when val loss improves
 final_eval = True  # after training, evaluate the whole validation split into eval.json
 eval_tasks = ""  # multiple-choice tasks scored at every evaluation, comma-separated: hellaswag, mc:PATH
-eval_examples = 500  # the first N examples of each of eval_tasks
+eval_examples = 500  # the first N examples of each of eval_tasks; 0 scores all
 hellaswag = ""  # HellaSwag's validation set: hellaswag_val.jsonl, or a folder of the hub dataset; default: the hub
 plot = True  # redraw out_dir/loss.png at every eval
 plot_log_scale = True  # logarithmic loss axis
@@ -144,8 +153,7 @@ signal.signal(signal.SIGINT, stop_before_training)
 signal.signal(signal.SIGTERM, stop_before_training)
 
 # ranges that would only fail later, less clearly; model.py judges the model's own
-for key in ("batch_size", "max_iters", "gradient_accumulation_steps", "eval_interval", "log_interval", "eval_iters",
-            "eval_examples"):
+for key in ("batch_size", "max_iters", "gradient_accumulation_steps", "eval_interval", "log_interval", "eval_iters"):
     if config[key] < 1 and not (key == "max_iters" and config[key] == 0):
         fail(f"{key} must be at least 1, got {config[key]}")
 model_args = {f.name: config[f.name] for f in fields(GPTConfig) if f.name in config}  # vocab_size: the data's
@@ -161,6 +169,8 @@ for key, valid in (("optimizer", ("adamw", "muon")), ("lr_schedule", ("cosine", 
                    ("parallel", ("ddp", "fsdp"))):
     if config[key] not in valid:
         fail(f"unknown {key} {config[key]!r}; use {' or '.join(valid)}")
+if eval_examples < 0:
+    fail(f"eval_examples must be 0 (all) or more, got {eval_examples}")
 if "val" in task_names(eval_tasks):
     fail("eval_tasks names multiple-choice tasks (hellaswag, mc:PATH); every evaluation already estimates val_loss "
          "and val_bpb, and the final one measures the whole val split")
@@ -235,7 +245,6 @@ def log(*args):
 # data (prepare.py's token files), model, optimizer, state
 data = Dataset(dataset, block_size)  # a resumed run's dataset name comes from its checkpoint
 meta = data.meta
-mc_tasks = [load_task(name, data.tokenizer, eval_examples, hellaswag) for name in task_names(eval_tasks)]
 vocab_size = meta["vocab_size"]
 if vocab_size > 1024:
     vocab_size = (vocab_size + 63) // 64 * 64  # multiples of 64 make the head's matmul faster
@@ -303,6 +312,7 @@ train_gen = torch.Generator().manual_seed(seed)
 if saved is not None and not eval_only:
     ckpt.restore_run(saved, model, opt, scaler, train_gen, device_type)
 saved = None  # free the memory
+mc_tasks = [load_task(name, data.tokenizer, eval_examples, hellaswag) for name in task_names(eval_tasks)]
 
 raw_model = model
 if compile:
@@ -365,22 +375,30 @@ def save_checkpoint(name):
     ckpt.save_run(state, raw_model, opt, os.path.join(out_dir, name + suffix))
 
 
+scored = (None, {})  # (iteration, eval_tasks' results): the last evaluation's, which the final one reuses
+
+
 def task_results():
-    """eval_tasks' scores on their first eval_examples examples (all processes take part)."""
-    return {key: multiple_choice(raw_model, encoded, skipped, mixed_precision, device)
-            for key, encoded, skipped in mc_tasks}
+    """eval_tasks' results on their first eval_examples examples (all processes take part)."""
+    global scored
+    if scored[0] != iter_num:
+        scored = iter_num, {key: multiple_choice(raw_model, encoded, skipped, mixed_precision, device)
+                            for key, encoded, skipped in mc_tasks}
+    return scored[1]
 
 
 def final_evaluation():
-    """The whole validation split and eval_tasks, into out_dir/eval.json (all processes take part)."""
+    """The whole validation split and eval_tasks into out_dir/eval.json, beside what evaluate.py added there
+    for the same checkpoint at the same iteration (all processes take part)."""
+    checkpoint = resume_path if eval_only else ckpt_path
     result = evaluate_split(raw_model, data.tokens("val"), block_size, batch_size, data.byte_lengths,
                             data.tokenizer.eot_token, mixed_precision, device)
     log(describe("val", result))
-    scores = task_results()
-    for key, score in scores.items():
-        log(describe(key, score))
-    result |= scores | {"iter_num": iter_num, "dataset": dataset,
-                        "checkpoint": resume_path if eval_only else ckpt_path, "config": config}
+    for key, task_result in task_results().items():
+        log(describe(key, task_result))
+    earlier = earlier_results(os.path.join(out_dir, "eval.json"), checkpoint, iter_num, refuse_other=False)
+    result = earlier | result | task_results() | {"iter_num": iter_num, "dataset": dataset,
+                                                   "checkpoint": checkpoint, "config": config}
     runlog.write("eval.json", json.dumps(result, indent=1))
     log(f"-> {os.path.join(out_dir, 'eval.json')}")
 
