@@ -150,7 +150,7 @@ def bench_multiple_choice(model, cfg, device, dtype, vocab_size):
     """Examples/s scoring HellaSwag-shaped examples of random tokens as evaluate.py does (in dtype), and
     as a straightforward transformers loop does (fp32, one choice per forward) on the same weights. An
     example is a context of 20 to 100 tokens and 4 choices of 10 to 40, four times as long for a character
-    vocabulary, cropped as evaluate.py crops them."""
+    vocabulary."""
     import tempfile
 
     import numpy as np
@@ -181,12 +181,12 @@ def bench_multiple_choice(model, cfg, device, dtype, vocab_size):
     def loop(examples):
         correct = 0
         for context, choices, label in examples:
-            context = context[-(block + 1 - max(len(c[:block]) for c in choices)):]
             losses = []
-            for choice in choices:
-                ids = torch.tensor([context + choice[:block]], device=device)
-                logits = hf(ids[:, :-1]).logits[0, -len(choice[:block]):]
-                losses.append(F.cross_entropy(logits, ids[0, -len(choice[:block]):]).item())
+            for choice in choices:  # each sequence cropped from the left to the model's context
+                ids = torch.tensor([(context + choice)[-(block + 1):]], device=device)
+                scored = min(len(choice), block)
+                logits = hf(ids[:, :-1]).logits[0, -scored:]
+                losses.append(F.cross_entropy(logits, ids[0, -scored:]).item())
             correct += int(np.argmin(losses) == label)
         return correct / len(examples)
     loop(examples[:4])
