@@ -31,8 +31,9 @@ TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
 TINY = ["--dataset=shakespeare_char", "--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32",
         "--batch_size=4", "--device=cpu", "--dtype=float32", "--log_interval=1", "--eval_iters=2",
         "--warmup_iters=2", "--lr_decay_iters=20", "--dropout=0.0"]
-RUN8 = ["--gradient_accumulation_steps=2", "--max_iters=8", "--eval_interval=8", "--final_eval=False",
-        f"--eval_tasks=hellaswag,mc:{REPO}/tasks/shakespeare.jsonl", "--hellaswag=hs.jsonl"]
+RUN8 = ["--gradient_accumulation_steps=2", "--max_iters=8", "--eval_interval=8", "--final_eval=False"]
+TASK_LIST = f"hellaswag,mc:{REPO}/tasks/shakespeare.jsonl"  # hs.jsonl is written by the runs fixture
+TASKS = [f"--eval_tasks={TASK_LIST}", "--hellaswag=hs.jsonl"]
 TOL = dict(rel=1e-5, abs=1e-5)
 TIMEOUT = 240
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
@@ -142,11 +143,13 @@ def weights(out_dir):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, shakespeare_char):
-    """One prepared dataset; 8 iterations of the same global batch in one process (single/) and in two (ddp/)."""
+    """One prepared dataset; 8 iterations of the same global batch in one process (single/) and in two (ddp/),
+    both scoring two multiple-choice tasks at iteration 8."""
     d = tmp_path_factory.mktemp("ddp")
     shakespeare_char(d)
     write_hellaswag(d / "hs.jsonl", 200, vocabulary=SHAKESPEARES)  # several forwards to share
-    launch(([*TINY, *RUN8, "--out_dir=single"], "one"), ([*TINY, *RUN8, "--out_dir=ddp"], "torchrun"), cwd=d)
+    launch(([*TINY, *RUN8, *TASKS, "--out_dir=single"], "one"), ([*TINY, *RUN8, *TASKS, "--out_dir=ddp"], "torchrun"),
+           cwd=d)
     # what the 8-iteration ddp run left, before any test adds to it
     files = sorted(os.listdir(d / "ddp"))
     shutil.copy(d / "ddp" / "ckpt.pt", d / "ddp_ckpt8.pt")
@@ -172,8 +175,8 @@ def test_eval_tasks_scored_by_two_processes_as_by_one(runs):
     gives its checkpoint in one process."""
     d, _ = runs
     logged = next(r for r in read_log(d / "ddp" / "log.jsonl") if r["iter"] == 8 and "val_loss" in r)
-    p = conftest.run("evaluate.py", "--init_from=ddp_ckpt8.pt", f"--tasks=hellaswag,mc:{REPO}/tasks/shakespeare.jsonl",
-                     "--hellaswag=hs.jsonl", "--device=cpu", "--dtype=float32", "--out=ddp_tasks.json", cwd=d, env=ENV)
+    p = conftest.run("evaluate.py", "--init_from=ddp_ckpt8.pt", f"--tasks={TASK_LIST}", "--hellaswag=hs.jsonl",
+                     "--device=cpu", "--dtype=float32", "--out=ddp_tasks.json", cwd=d, env=ENV)
     assert p.returncode == 0, p.stderr
     one = json.loads((d / "ddp_tasks.json").read_text())
     assert one["hellaswag"]["examples"] == 200
