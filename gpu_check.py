@@ -126,7 +126,8 @@ def main():
 
     def fp16():
         fp16_peak = measure_peak_flops(device, "float16")
-        return bench_row(cfg, model_config, device, "float16", False, fp16_peak)[2]
+        # a CPU's fp16 is slow, and --quick only checks that the step runs: one timed step there
+        return bench_row({**cfg, "iters": 1} if quick else cfg, model_config, device, "float16", False, fp16_peak)[2]
 
     def recompute():
         _, row = bench_training({**cfg, "activation_checkpointing": True}, model_config, None, device, dtype, False,

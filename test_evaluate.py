@@ -185,35 +185,6 @@ def test_bits_per_byte_counts_the_val_texts_bytes_and_its_loss(three_tokenizers,
         assert result["val_loss"] == pytest.approx(losses.mean().item(), rel=1e-5)
 
 
-def test_bits_per_byte_puts_a_char_and_a_gpt2_model_on_one_scale(tmp_path, shakespeare_char, monkeypatch):
-    shakespeare_char(tmp_path)
-    run("prepare.py", "--tokenizer=gpt2", "--num_proc=1", cwd=tmp_path)
-    tiny = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=64", "--batch_size=4", "--max_iters=8",
-            "--eval_interval=8", "--eval_iters=1", "--learning_rate=3e-3", "--final_eval=False", "--plot=False"]
-    run("train.py", *tiny, "--dataset=shakespeare_char", "--out_dir=char", cwd=tmp_path)
-    run("train.py", *tiny, "--dataset=shakespeare", "--out_dir=gpt2", cwd=tmp_path)
-    monkeypatch.chdir(tmp_path)
-    import checkpoint as ckpt
-    from dataloader import Dataset
-    gpt2, char = Dataset("shakespeare", 1), Dataset("shakespeare_char", 1)
-    # the same text in both: the gpt2 split's first 3000 tokens, and as many characters of the char split
-    piece = gpt2.tokens("val")[:3000]
-    text = gpt2.tokenizer.decode(piece.tolist())
-    assert char.tokenizer.decode(char.tokens("val")[:len(text)].tolist()) == text
-    results = {}
-    for name, data, tokens in (("gpt2", gpt2, piece), ("char", char, char.tokens("val")[:len(text)])):
-        model = ckpt.model_from(ckpt.load(f"{name}/ckpt.pt"), f"{name}/ckpt.pt")
-        results[name] = r = evaluate_split(model, tokens, 64, 8, data.byte_lengths, data.tokenizer.eot_token,
-                                           nullcontext(), "cpu")
-        # no end-of-text in the piece: the loss per byte is the loss per token spread over the text's bytes
-        assert r["val_bpb"] == pytest.approx(r["val_loss"] * r["tokens"] / math.log(2) / r["bytes"], rel=1e-9)
-    # per token the two losses are in units of different lengths; per byte both measure the same text
-    assert results["gpt2"]["bytes"] == results["char"]["bytes"] == len(text.encode("utf-8"))
-    assert results["char"]["tokens"] > 3 * results["gpt2"]["tokens"]
-    assert results["gpt2"]["val_loss"] > 2 * results["char"]["val_loss"]
-    print({name: f"{r['val_loss']:.3f} nats/token, {r['val_bpb']:.3f} bits/byte" for name, r in results.items()})
-
-
 @pytest.fixture(scope="module")
 def char_run(tmp_path_factory, shakespeare_char):
     d = tmp_path_factory.mktemp("evaluate")
@@ -254,3 +225,32 @@ def test_the_script_adds_val_and_tasks_to_the_runs_eval_json(char_run):
     assert after["hellaswag"]["examples"] + after["hellaswag"]["skipped"] == 9
     assert after["hellaswag"]["skipped"] == 3 and "3 skipped" in p.stdout
     assert after["mc:shakespeare"]["examples"] == 9 and 0 <= after["mc:shakespeare"]["acc"] <= 1
+
+
+def test_bits_per_byte_puts_a_char_and_a_gpt2_model_on_one_scale(char_run, monkeypatch):
+    """The character model of char_run, and a GPT-2-token model trained here on the same plays."""
+    run("prepare.py", "--tokenizer=gpt2", "--num_proc=1", cwd=char_run)
+    run("train.py", "--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=64", "--batch_size=4", "--max_iters=8",
+        "--eval_interval=8", "--eval_iters=1", "--learning_rate=3e-3", "--final_eval=False", "--plot=False",
+        "--dataset=shakespeare", "--out_dir=gpt2", cwd=char_run)
+    monkeypatch.chdir(char_run)
+    import checkpoint as ckpt
+    from dataloader import Dataset
+    gpt2, char = Dataset("shakespeare", 1), Dataset("shakespeare_char", 1)
+    # the same text in both: the gpt2 split's first 3000 tokens, and as many characters of the char split
+    piece = gpt2.tokens("val")[:3000]
+    text = gpt2.tokenizer.decode(piece.tolist())
+    assert char.tokenizer.decode(char.tokens("val")[:len(text)].tolist()) == text
+    results = {}
+    for name, path, data, tokens in (("gpt2", "gpt2/ckpt.pt", gpt2, piece),
+                                     ("char", "run/ckpt.pt", char, char.tokens("val")[:len(text)])):
+        model = ckpt.model_from(ckpt.load(path), path)
+        results[name] = r = evaluate_split(model, tokens, 64, 8, data.byte_lengths, data.tokenizer.eot_token,
+                                           nullcontext(), "cpu")
+        # no end-of-text in the piece: the loss per byte is the loss per token spread over the text's bytes
+        assert r["val_bpb"] == pytest.approx(r["val_loss"] * r["tokens"] / math.log(2) / r["bytes"], rel=1e-9)
+    # per token the two losses are in units of different lengths; per byte both measure the same text
+    assert results["gpt2"]["bytes"] == results["char"]["bytes"] == len(text.encode("utf-8"))
+    assert results["char"]["tokens"] > 3 * results["gpt2"]["tokens"]
+    assert results["gpt2"]["val_loss"] > 2 * results["char"]["val_loss"]
+    print({name: f"{r['val_loss']:.3f} nats/token, {r['val_bpb']:.3f} bits/byte" for name, r in results.items()})
