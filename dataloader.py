@@ -46,8 +46,9 @@ class Dataset:
 
     @functools.cached_property
     def byte_lengths(self):
-        """Each token id's UTF-8 bytes, for bits per byte: read once, as a GPT-2 vocabulary takes a while."""
-        return tok.byte_lengths(self.tokenizer)
+        """Each token id's UTF-8 bytes (a tensor, to index with targets), for bits per byte: read once, as a
+        GPT-2 vocabulary takes a while."""
+        return torch.tensor(tok.byte_lengths(self.tokenizer))
 
     def tokens(self, split):
         """The split's tokens: a fresh memmap per use, as a long-lived one keeps every page it touched resident."""

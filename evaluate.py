@@ -72,7 +72,6 @@ def estimate_loss(model, data, batch_size, eval_iters, seed, mixed_precision, de
     averaged over processes, and val_bpb over the val batches. The batches come from a generator of their
     own and dropout is off, so an evaluation draws nothing from training's random streams."""
     rank, _ = process()
-    lengths = torch.tensor(data.byte_lengths)
     training = model.training
     model.eval()
     out = {}
@@ -89,7 +88,7 @@ def estimate_loss(model, data, batch_size, eval_iters, seed, mixed_precision, de
             total += losses.mean().item()
             text = y != data.tokenizer.eot_token
             text_loss += losses[text].sum().item()
-            text_bytes += lengths[y.cpu()].sum().item()
+            text_bytes += data.byte_lengths[y.cpu()].sum().item()
         total, text_loss, text_bytes, n = all_reduce_sum([total, text_loss, text_bytes, eval_iters], device)
         out[split] = total / n
         if split == "val":
@@ -104,10 +103,9 @@ def evaluate_split(model, tokens, block_size, batch_size, byte_lengths, eot, mix
     """The whole split in non-overlapping windows of block_size, every token predicted once, the first after
     an end-of-text as every other document's first token is. Returns val_loss (nats per predicted token),
     perplexity, tokens (how many were predicted), val_bpb (bits per byte: the loss of every token but
-    end-of-text over the UTF-8 bytes of the text they make) and bytes."""
+    end-of-text over the UTF-8 bytes of the text they make, byte_lengths giving each id's) and bytes."""
     training = model.training
     model.eval()
-    lengths = np.asarray(byte_lengths, dtype=np.int64)
     n = len(tokens)
     starts = range(0, n, block_size)
     # without gradients there is room for more rows: up to 64, while the logits stay under 2**27 floats
@@ -129,7 +127,7 @@ def evaluate_split(model, tokens, block_size, batch_size, byte_lengths, eot, mix
             counted = y >= 0
             text = counted & (y != eot)
             sums[i] = (losses.sum().item(), losses[text].sum().item(), counted.sum().item(),
-                       lengths[y[counted].numpy()].sum())
+                       byte_lengths[y[counted]].sum().item())
     loss, text_loss, count, n_bytes = np.reshape(all_reduce_sum(sums.ravel().tolist(), device), sums.shape).sum(0)
     model.train(training)
     return {"val_loss": loss / count, "perplexity": math.exp(loss / count), "tokens": int(count),
@@ -276,25 +274,24 @@ def choice_losses(model, encoded, mixed_precision, device, progress=False):
         T = max([length[r] for r in forward], default=1)
         x = torch.zeros(max(1, len(forward)), T, dtype=torch.int64)
         y = torch.full(x.shape, -1, dtype=torch.int64)
-        positions = torch.zeros(x.shape, dtype=torch.int64)
-        segment = torch.full(x.shape, -1, dtype=torch.int64)  # 0: the context; -1: padding
+        # 0: the context; j: choice j; padding: a segment of its own per column, so it sees only the context
+        segment = -1 - torch.arange(T).repeat(len(x), 1)
         choice = torch.full(x.shape, -1, dtype=torch.int64)  # the index of the choice a target belongs to
         for row, r in enumerate(forward):
             context, choices, indices = rows[r]
             at = len(context) - 1
-            x[row, :at], positions[row, :at], segment[row, :at] = torch.tensor(context[:-1]), torch.arange(at), 0
+            x[row, :at], segment[row, :at] = torch.tensor(context[:-1]), 0
             for j, (tokens, i) in enumerate(zip(choices, indices, strict=True)):
                 n = len(tokens)
                 x[row, at:at + n] = torch.tensor(context[-1:] + tokens[:-1])
                 y[row, at:at + n] = torch.tensor(tokens)
-                positions[row, at:at + n] = torch.arange(len(context) - 1, len(context) - 1 + n)
                 segment[row, at:at + n], choice[row, at:at + n] = j + 1, i
                 at += n
         causal = torch.ones(T, T, dtype=torch.bool).tril()
         mask = causal & ((segment[:, None, :] == 0) | (segment[:, None, :] == segment[:, :, None]))
         with mixed_precision:
             losses = model(to_device(x, device), to_device(y, device), reduction="none",
-                           positions=to_device(positions, device), mask=to_device(mask, device))[1].cpu()
+                           mask=to_device(mask, device))[1].cpu()
         scored = choice >= 0
         sums.index_add_(0, choice[scored], losses[scored].double())
     counts = [len(c) for _, choices, _ in rows for c in choices]
@@ -366,9 +363,9 @@ if __name__ == "__main__":
              "checkpoint file), one of the two")
     if eval_examples < 0:
         fail(f"eval_examples must be 0 (all) or more, got {eval_examples}")
-    if "RANK" in os.environ:
-        dist.init_process_group("nccl" if resolve_device(device).startswith("cuda") else "gloo")
     device = resolve_device(device)
+    if "RANK" in os.environ:
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     if dist.is_initialized() and device.startswith("cuda"):
         device = f"cuda:{os.environ['LOCAL_RANK']}"
         torch.cuda.set_device(device)

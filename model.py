@@ -75,8 +75,8 @@ def rotary_tables(head_size, length, base=10000.0):
 
 def rotate(x, cos, sin):
     """Rotate pairs of x's features (the first half against the second) by each position's angles.
-    x (B, nh, T, hs); cos and sin (1 or B, 1, T, hs // 2). Dot products of rotated queries and keys then depend
-    only on how far apart two positions are."""
+    x (B, nh, T, hs); cos and sin (1 or B, 1, T, hs // 2). Dot products of rotated queries and keys then
+    depend only on how far apart two positions are."""
     x1, x2 = x.chunk(2, dim=-1)
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
@@ -131,8 +131,7 @@ class CausalSelfAttention(nn.Module):
             cache_k[:B, :, pos:pos + T] = k
             cache_v[:B, :, pos:pos + T] = v
             k, v = cache_k[:B, :, :pos + T], cache_v[:B, :, :pos + T]
-        # a single new query may see every cached key; a block of queries starting at 0 is causal, unless a
-        # mask (B, T, T) says which keys each query sees
+        # a single new query sees every cached key; a block of queries from 0 is causal, or as mask (B, T, T) says
         assert pos == 0 or T == 1, "the cache is filled by one prompt at position 0, then one token at a time"
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask[:, None],
                                            is_causal=T > 1 and mask is None,
@@ -264,17 +263,18 @@ class GPT(nn.Module):
             n -= self.transformer.wpe.weight.numel()
         return n
 
-    def forward(self, idx, targets=None, cache=None, pos=0, reduction="mean", positions=None, mask=None):
-        """Logits and the mean loss over targets that are not -1; with reduction="none" each target's loss
-        instead (0 where it is -1), the head computed only where there is one. Tokens sit at positions pos
-        onwards, or at positions (B, T), which with mask (B, T, T) lets one row hold several continuations of a
-        context, each at the positions that follow it and seeing only the context and itself."""
+    def forward(self, idx, targets=None, cache=None, pos=0, reduction="mean", mask=None):
+        """Logits and the mean loss over targets that are not -1; with reduction="none" each target's loss (0 at
+        -1), the head run only where there is one. mask (B, T, T) lets a row hold several continuations of one
+        context, each seeing only the context and itself: a token's position is then how many tokens it sees."""
         B, T = idx.shape
         assert reduction in ("mean", "none"), f"reduction {reduction!r}: mean or none"
-        if positions is None:
+        if mask is None:
             assert pos + T <= self.config.block_size, \
                 f"sequence of {pos + T} tokens is longer than block_size {self.config.block_size}"
             positions = torch.arange(pos, pos + T, device=idx.device)
+        else:
+            positions = mask.sum(-1) - 1
         x = self.transformer.wte(idx)
         rope = None
         if self.config.pos == "learned":
@@ -334,10 +334,8 @@ class GPT(nn.Module):
         and the embedding, final norm and head form the last unit. Each process then holds 1/N of the
         parameters and of what the optimizer keeps. With param_dtype (bf16), the gathered weights are in
         that dtype and gradients are averaged across processes in fp32."""
-        from torch.distributed.fsdp import (  # imported here: slow to import, and only fsdp needs it
-            MixedPrecisionPolicy,
-            fully_shard,
-        )
+        # imported here: slow to import, and only fsdp needs it
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
         for block in self.transformer.h:
             fully_shard(block, mesh=mesh, mp_policy=policy)
