@@ -32,6 +32,7 @@ from configurator import (
 )
 from dataloader import Dataset, batches
 from model import GPT, GPTConfig
+from optim import configure_optimizers
 
 BENCH_DEFAULTS = dict(
     iters=20,  # timed optimizer steps
@@ -91,9 +92,9 @@ def bench_training(cfg, model_config, train_data, device, dtype, compiled, peak)
     device_type = device.split(":")[0]
     model = GPT(model_config).to(device)
     model.recompute_blocks = cfg["activation_checkpointing"]
-    optimizer = model.configure_optimizers(cfg["weight_decay"], cfg["learning_rate"], (cfg["beta1"], cfg["beta2"]),
-                                           device_type, cfg["optimizer"], cfg["muon_lr"], cfg["muon_momentum"],
-                                           torch.bfloat16 if dtype == "bfloat16" else torch.float32)
+    optimizer = configure_optimizers(model, cfg["weight_decay"], cfg["learning_rate"], (cfg["beta1"], cfg["beta2"]),
+                                     device_type, cfg["optimizer"], cfg["muon_lr"], cfg["muon_momentum"],
+                                     torch.bfloat16 if dtype == "bfloat16" else torch.float32)
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
     mixed_precision = autocast(device, dtype)
     step_model = torch.compile(model) if compiled else model

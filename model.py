@@ -9,7 +9,7 @@ each later choice is one GPTConfig field:
   pos      learned position embeddings | rope, rotary embeddings of queries and keys (Su et al. 2021)
   mlp      gelu | swiglu, a gated MLP (Shazeer 2020) | relu2, squared ReLU (So et al. 2021)
   qk_norm  RMSNorm of each head's queries and keys (Dehghani et al. 2023)
-Training uses AdamW, or Muon (optim.py) for the hidden matrices with AdamW for the rest.
+Training uses AdamW, or Muon for the hidden matrices with AdamW for the rest (optim.py).
 Fine-tuning may instead train LoRA adapters (Hu et al. 2021) beside chosen matmuls of a frozen model.
 Under torchrun the model may be sharded across processes with FSDP2 (Zhao et al. 2023): GPT.shard.
 """
@@ -21,8 +21,6 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
-
-from optim import Muon, Optimizers
 
 CHOICES = {"norm": ("layernorm", "rmsnorm"), "pos": ("learned", "rope"), "mlp": ("gelu", "swiglu", "relu2")}
 
@@ -301,32 +299,6 @@ class GPT(nn.Module):
         logits = self.lm_head(x)
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
         return logits, loss
-
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, optimizer="adamw",
-                             muon_lr=0.02, muon_momentum=0.95, muon_dtype=torch.float32):
-        """AdamW for everything; or Muon for the blocks' matrices and AdamW for embeddings, head and gains.
-        A param group's lr_scale is its learning rate relative to learning_rate, for the schedule."""
-        params = {name: p for name, p in self.named_parameters() if p.requires_grad}
-        hidden = {name: p for name, p in params.items() if optimizer == "muon" and ".h." in name and p.dim() == 2}
-        rest = [p for name, p in params.items() if name not in hidden]
-        # decay the 2-D weights of matmuls and embeddings; leave biases and norm gains alone
-        groups = [
-            {"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0},
-        ]
-        # fused AdamW updates all parameters in one kernel, on CUDA and (since torch 2.4) on the CPU, where
-        # it beats foreach by a wide margin; other devices batch with foreach
-        extra = {"fused": True} if device_type in ("cuda", "cpu") else {"foreach": True}
-        adamw = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **extra)
-        if not hidden:
-            return adamw
-        # c_attn stacks the q, k and v matrices, and a swiglu c_fc the gate and value: each is its own map
-        stacked = {name: 3 if "c_attn" in name else 2 if "c_fc" in name and self.config.mlp == "swiglu" else 1
-                   for name in hidden}
-        muon_groups = [{"params": [p for name, p in hidden.items() if stacked[name] == n], "stacked": n,
-                        "lr_scale": muon_lr / learning_rate} for n in sorted(set(stacked.values()))]
-        muon = Muon(muon_groups, lr=muon_lr, momentum=muon_momentum, weight_decay=weight_decay, dtype=muon_dtype)
-        return Optimizers(adamw, muon)
 
     def shard(self, mesh, param_dtype=None):
         """Split weights, gradients and optimizer state across the processes of mesh (FSDP2): each block is

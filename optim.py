@@ -3,7 +3,7 @@ The optimizers beside AdamW: Muon for the hidden matrices, and one object that s
 
 Muon (Jordan et al. 2024) is SGD with Nesterov momentum whose update for each 2-D matrix is replaced by
 the nearest orthogonal matrix, found by a few Newton-Schulz steps, so that every direction of the update
-moves at the same rate. GPT.configure_optimizers decides which parameters each optimizer gets.
+moves at the same rate. configure_optimizers decides which of a GPT's parameters each optimizer gets.
 """
 import math
 from collections import defaultdict
@@ -100,6 +100,33 @@ class Optimizers:
     def load_state_dict(self, state):
         for opt, s in zip(self.optimizers, state["optimizers"], strict=True):
             opt.load_state_dict(s)
+
+
+def configure_optimizers(model, weight_decay, learning_rate, betas, device_type, optimizer="adamw",
+                         muon_lr=0.02, muon_momentum=0.95, muon_dtype=torch.float32):
+    """AdamW for everything; or Muon for the blocks' matrices and AdamW for embeddings, head and gains.
+    A param group's lr_scale is its learning rate relative to learning_rate, for the schedule."""
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    hidden = {name: p for name, p in params.items() if optimizer == "muon" and ".h." in name and p.dim() == 2}
+    rest = [p for name, p in params.items() if name not in hidden]
+    # decay the 2-D weights of matmuls and embeddings; leave biases and norm gains alone
+    groups = [
+        {"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    # fused AdamW updates all parameters in one kernel, on CUDA and (since torch 2.4) on the CPU, where
+    # it beats foreach by a wide margin; other devices batch with foreach
+    extra = {"fused": True} if device_type in ("cuda", "cpu") else {"foreach": True}
+    adamw = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **extra)
+    if not hidden:
+        return adamw
+    # c_attn stacks the q, k and v matrices, and a swiglu c_fc the gate and value: each is its own map
+    stacked = {name: 3 if "c_attn" in name else 2 if "c_fc" in name and model.config.mlp == "swiglu" else 1
+               for name in hidden}
+    muon_groups = [{"params": [p for name, p in hidden.items() if stacked[name] == n], "stacked": n,
+                    "lr_scale": muon_lr / learning_rate} for n in sorted(set(stacked.values()))]
+    muon = Muon(muon_groups, lr=muon_lr, momentum=muon_momentum, weight_decay=weight_decay, dtype=muon_dtype)
+    return Optimizers(adamw, muon)
 
 
 def parts(optimizer):

@@ -8,7 +8,7 @@ from torch.nn import functional as F
 
 from hf import to_hf_gpt2
 from model import GPT, GPTConfig, rotary_tables, rotate
-from optim import Muon, Optimizers, orthogonalize
+from optim import Muon, Optimizers, configure_optimizers, orthogonalize
 
 BLOCKS = [dict(pos="rope"), dict(mlp="swiglu"), dict(mlp="relu2"), dict(qk_norm=True),
           dict(pos="rope", mlp="swiglu", qk_norm=True, norm="rmsnorm")]
@@ -142,7 +142,7 @@ def reference_muon_step(params, momentum, lr, weight_decay, stacked, buffers):
 
 def test_muon_matches_a_plain_reference():
     model, reference = tiny(mlp="swiglu"), tiny(mlp="swiglu")
-    optimizer = model.configure_optimizers(0.1, 2e-3, (0.9, 0.95), "cpu", "muon", muon_lr=0.05)
+    optimizer = configure_optimizers(model, 0.1, 2e-3, (0.9, 0.95), "cpu", "muon", muon_lr=0.05)
     assert isinstance(optimizer, Optimizers) and isinstance(optimizer.optimizers[1], Muon)
     names = [n for n, p in model.named_parameters() if ".h." in n and p.dim() == 2]
     assert {n.split(".")[-2] for n in names} == {"c_attn", "c_proj", "c_fc"}  # wide, tall, and stacked 2 and 3
@@ -188,7 +188,7 @@ def test_muon_and_modern_blocks_learn():
     model = tiny(pos="rope", mlp="swiglu", qk_norm=True).train()
     x = torch.randint(61, (4, 32))
     y = torch.roll(x, -1, dims=1)
-    opt = model.configure_optimizers(0.0, 3e-3, (0.9, 0.95), "cpu", "muon")
+    opt = configure_optimizers(model, 0.0, 3e-3, (0.9, 0.95), "cpu", "muon")
     losses = []
     for _ in range(40):
         _, loss = model(x, y)

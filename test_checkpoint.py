@@ -17,7 +17,7 @@ import torch
 import checkpoint as ckpt
 import conftest
 from hf import from_hf_gpt2
-from optim import parts
+from optim import configure_optimizers, parts
 
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
 TINY = ["--dataset=shakespeare_char", "--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32",
@@ -229,7 +229,7 @@ def test_malicious_sharded_checkpoint_is_refused_before_it_runs(work):
     (work / "evil_index" / "ckpt.dcp" / ".metadata").write_bytes(pickle.dumps(RunsCode()))
     # the optimizer state as a resumed run asks DCP for it, one learning rate replaced by code
     model = ckpt.model_from(state, "run")
-    optimizer = parts(model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu"))
+    optimizer = parts(configure_optimizers(model, 0.1, 1e-3, (0.9, 0.95), "cpu"))
     optimizer_state = get_optimizer_state_dict(model, optimizer)
     optimizer_state["param_groups"][0]["lr"] = RunsCode()
     write_sharded(state, work / "evil_value", optimizer_state)
@@ -250,10 +250,10 @@ def test_resumed_optimizer_keeps_the_learning_rates_configured_now(work):
     not the one saved with the optimizer state."""
     state = torch.load(work / "run" / "ckpt.pt", weights_only=True)
     model = ckpt.model_from(state, "run")
-    saved = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu", "muon", muon_lr=0.02)
+    saved = configure_optimizers(model, 0.1, 1e-3, (0.9, 0.95), "cpu", "muon", muon_lr=0.02)
     model(torch.zeros(1, 8, dtype=torch.long), torch.zeros(1, 8, dtype=torch.long))[1].backward()
     saved.step()
-    resumed = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu", "muon", muon_lr=0.04)
+    resumed = configure_optimizers(model, 0.1, 1e-3, (0.9, 0.95), "cpu", "muon", muon_lr=0.04)
     ckpt.restore_optimizer({"optimizer": saved.state_dict()}, model, resumed)
     assert [g["lr_scale"] for g in resumed.param_groups if "lr_scale" in g] == [pytest.approx(40.0)] * 2
     assert torch.equal(resumed.optimizers[1].state[model.transformer.h[0].attn.c_attn.weight]["momentum_buffer"],

@@ -5,6 +5,7 @@ import torch
 from torch.nn import functional as F
 
 from model import GPT, GPTConfig, Linear, sample_next
+from optim import configure_optimizers
 
 
 def tiny(**kw):
@@ -198,7 +199,7 @@ def test_overfits_one_batch():
     model = tiny().train()
     x = torch.randint(61, (4, 32))
     y = torch.roll(x, -1, dims=1)
-    opt = model.configure_optimizers(0.0, 3e-3, (0.9, 0.95), "cpu")
+    opt = configure_optimizers(model, 0.0, 3e-3, (0.9, 0.95), "cpu")
     for _ in range(150):
         _, loss = model(x, y)
         opt.zero_grad()
@@ -209,7 +210,7 @@ def test_overfits_one_batch():
 
 def test_optimizer_decays_only_matrices():
     model = tiny()
-    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+    opt = configure_optimizers(model, 0.1, 1e-3, (0.9, 0.95), "cpu")
     decay, no_decay = opt.param_groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
@@ -229,7 +230,7 @@ def test_mfu_uses_flops_per_token():
 def train_50_steps(bf16):
     torch.manual_seed(1)  # weights whose 50 steps meet no loss spike, where the two dtypes' spikes differ in height
     model = GPT(GPTConfig(block_size=32, vocab_size=64, n_layer=2, n_head=2, n_embd=32))
-    opt = model.configure_optimizers(0.1, 3e-3, (0.9, 0.95), "cpu")
+    opt = configure_optimizers(model, 0.1, 3e-3, (0.9, 0.95), "cpu")
     gen = torch.Generator().manual_seed(0)
     data = (torch.randint(8, (20000,), generator=gen) * (torch.arange(20000) % 3))  # something to learn
     losses = []

@@ -46,6 +46,7 @@ from evaluate import (
     task_names,
 )
 from model import GPT, GPTConfig
+from optim import configure_optimizers
 from runlog import RunLog, memory_report
 
 # -----------------------------------------------------------------------------
@@ -304,8 +305,8 @@ if model.lm_head.weight.is_meta:  # each process allocates its shards and draws 
 model.to(device)
 scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
 # Muon orthogonalises in bf16 only where bf16 is fast, the rule dtype=auto follows
-opt = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type, optimizer, muon_lr,
-                                 muon_momentum, torch.bfloat16 if dtype == "bfloat16" else torch.float32)
+opt = configure_optimizers(model, weight_decay, learning_rate, (beta1, beta2), device_type, optimizer, muon_lr,
+                           muon_momentum, torch.bfloat16 if dtype == "bfloat16" else torch.float32)
 # the sampler has its own generator, shared by all processes: batches must not shift when dropout
 # or evaluation draw numbers
 train_gen = torch.Generator().manual_seed(seed)
