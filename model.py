@@ -131,9 +131,17 @@ class CausalSelfAttention(nn.Module):
             k, v = cache_k[:B, :, :pos + T], cache_v[:B, :, :pos + T]
         # a single new query sees every cached key; a block of queries from 0 is causal, or as mask (B, T, T) says
         assert pos == 0 or T == 1, "the cache is filled by one prompt at position 0, then one token at a time"
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask[:, None],
-                                           is_causal=T > 1 and mask is None,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        if q.is_cpu and q.dtype == torch.bfloat16 and torch.is_grad_enabled():
+            # the CPU's bf16 flash attention has a slow backward pass: training takes the plain computation
+            scores = (q * (1.0 / math.sqrt(q.size(-1)))) @ k.mT
+            S = k.size(-2)  # keys: the cache's, or the block's own
+            seen = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T) if mask is None else mask[:, None]
+            att = F.dropout(scores.masked_fill(~seen, float("-inf")).softmax(dim=-1), self.dropout, self.training)
+            y = att @ v
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask[:, None],
+                                               is_causal=T > 1 and mask is None,
+                                               dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 

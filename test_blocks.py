@@ -53,6 +53,31 @@ def test_attention_equals_explicit_computation(qk_norm, rope):
     assert torch.allclose(attn(x, rope=table), explicit_attention(attn, x, qk_norm, rope), atol=1e-5)
 
 
+def test_cpu_bf16_training_attention_equals_flash_attention():
+    """On the CPU in bf16 with gradients on, attention is computed plainly (the flash kernel's backward is
+    slow there); it must mean what scaled_dot_product_attention means: causal, a packed row's mask, a cache."""
+    attn = tiny(pos="rope", qk_norm=True).to(torch.bfloat16).transformer.h[0].attn
+    with torch.no_grad():  # outputs of order 1, so that a tolerance for bf16 still sees a wrong weighting
+        attn.c_attn.weight.normal_(0.0, 0.3)
+        attn.c_proj.weight.normal_(0.0, 0.3)
+    x = torch.randn(2, 10, 32, dtype=torch.bfloat16)
+    seen = torch.ones(10, 10, dtype=torch.bool).tril()
+    seen[7:, 4:7] = False  # a context of 4 tokens, then two continuations of 3 that see only it and themselves
+    cache = [torch.zeros(2, 4, 32, 8, dtype=torch.bfloat16) for _ in range(2)]
+
+    def both(**kw):
+        plain = attn(x[:, -1:] if kw.get("pos") else x, **kw).float()
+        with torch.no_grad():
+            flash = attn(x[:, -1:] if kw.get("pos") else x, **kw).float()
+        return plain, flash
+
+    for plain, flash in (both(), both(mask=seen.expand(2, -1, -1))):
+        torch.testing.assert_close(plain, flash, atol=2e-2, rtol=2e-2)
+    attn(x[:, :6], cache=cache, pos=0)
+    torch.testing.assert_close(*both(cache=cache, pos=6), atol=2e-2, rtol=2e-2)  # one query, 7 cached keys
+    assert plain.requires_grad and not flash.requires_grad
+
+
 def test_rope_scores_depend_only_on_distance():
     model = tiny(pos="rope")
     q, k = torch.randn(2, 1, 1, 8)
