@@ -131,10 +131,11 @@ class CausalSelfAttention(nn.Module):
             k, v = cache_k[:B, :, :pos + T], cache_v[:B, :, :pos + T]
         # a single new query sees every cached key; a block of queries from 0 is causal, or as mask (B, T, T) says
         assert pos == 0 or T == 1, "the cache is filled by one prompt at position 0, then one token at a time"
-        if q.is_cpu and q.dtype == torch.bfloat16 and torch.is_grad_enabled():
-            # the CPU's bf16 flash attention has a slow backward pass: training takes the plain computation
+        S = k.size(-2)  # keys: T, or a cache's pos + T
+        if q.is_cpu and q.dtype == torch.bfloat16 and torch.is_grad_enabled() and S <= 256:
+            # the CPU's bf16 flash attention has a slow backward pass: training takes the plain computation,
+            # over contexts as long as it was measured on, as its memory grows with the square of the context
             scores = (q * (1.0 / math.sqrt(q.size(-1)))) @ k.mT
-            S = k.size(-2)  # keys: the cache's, or the block's own
             seen = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T) if mask is None else mask[:, None]
             att = F.dropout(scores.masked_fill(~seen, float("-inf")).softmax(dim=-1), self.dropout, self.training)
             y = att @ v
