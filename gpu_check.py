@@ -149,6 +149,8 @@ def main():
 
     def torchrun(parallel):
         def run():
+            if quick:  # the suite launches the same runs under torchrun in test_ddp.py and test_fsdp.py
+                return "left out with --quick (each launch costs two interpreters' start)"
             out = f"torchrun_{parallel}"
             launch = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"]
             common = [*train, f"--parallel={parallel}", "--compile=False", "--eval_iters=2", "--log_interval=1",
@@ -187,11 +189,8 @@ def main():
         check("activation checkpointing", recompute)
         check("sampling", sampling)
         check("train.py, config/train_c4.py's model, random tokens", training)
-        # the suite launches ddp and fsdp runs, saves and resumes under torchrun in test_ddp.py and
-        # test_fsdp.py, and each launch here costs two more interpreters' start
-        check("torchrun, 1 process, ddp", torchrun("ddp") if not quick else lambda: "left out with --quick")
-        check("torchrun, 1 process, fsdp (sharded save, resume)",
-              torchrun("fsdp") if not quick else lambda: "left out with --quick")
+        check("torchrun, 1 process, ddp", torchrun("ddp"))
+        check("torchrun, 1 process, fsdp (sharded save, resume)", torchrun("fsdp"))
         check("nanoGPT bench.py", nanogpt_bench)
     finally:
         shutil.rmtree(work)
