@@ -35,7 +35,7 @@ test: install
 
 # compile=True costs inductor's compilation, longer than the rest of the suite's budget
 test-compile: install
-	TEST_COMPILE=1 $(PY) -m pytest -q test_train.py -k compiled
+	TEST_COMPILE=1 $(PY) -m pytest -q test_train.py test_model.py -k compiled
 
 # on a GPU machine, with the PyTorch already there (no install, no network): one table of what the GPU does
 gpu-check:

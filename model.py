@@ -90,15 +90,19 @@ class Linear(nn.Linear):
 
     def forward(self, x):
         w = self.weight
-        # torch.compile cannot trace get_num_threads (an int, not a tensor): a compiled model keeps one graph
-        if torch.compiler.is_compiling() or x.numel() > 8 * w.shape[1] or w.dtype != torch.float32 or not w.is_cpu:
+        if x.numel() > 8 * w.shape[1] or w.dtype != torch.float32 or not w.is_cpu:
             return super().forward(x)
-        blocks = torch.get_num_threads()
-        if blocks < 2 or w.shape[0] % blocks:
-            return super().forward(x)
-        rows = x.reshape(-1, w.shape[1]).t()  # (in, rows)
-        y = torch.bmm(w.view(blocks, -1, w.shape[1]), rows.expand(blocks, -1, -1))  # (blocks, out / blocks, rows)
-        y = y.permute(2, 0, 1).reshape(*x.shape[:-1], w.shape[0])
+        if torch.compiler.is_compiling():
+            # inductor writes this as its own loop over the weight's rows, on every core (and could not trace
+            # get_num_threads, an int, not a tensor)
+            y = (x.unsqueeze(-2) * w).sum(-1)
+        else:
+            blocks = torch.get_num_threads()
+            if blocks < 2 or w.shape[0] % blocks:
+                return super().forward(x)
+            rows = x.reshape(-1, w.shape[1]).t()  # (in, rows)
+            y = torch.bmm(w.view(blocks, -1, w.shape[1]), rows.expand(blocks, -1, -1))  # (blocks, out / blocks, rows)
+            y = y.permute(2, 0, 1).reshape(*x.shape[:-1], w.shape[0])
         return y if self.bias is None else y + self.bias
 
 
@@ -126,11 +130,19 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             # keys and values of earlier positions are kept, so a new token attends without recomputing them
             cache_k, cache_v = cache
-            cache_k[:B, :, pos:pos + T] = k
-            cache_v[:B, :, pos:pos + T] = v
-            k, v = cache_k[:B, :, :pos + T], cache_v[:B, :, :pos + T]
-        # a single new query sees every cached key; a block of queries from 0 is causal, or as mask (B, T, T) says
-        assert pos == 0 or T == 1, "the cache is filled by one prompt at position 0, then one token at a time"
+            if torch.is_tensor(pos):
+                # one token at position pos, given as a tensor by a compiled step: it attends to the whole
+                # buffer with the keys after pos masked, so every position has the same shapes and one graph
+                cache_k[:B].index_copy_(2, pos.view(1), k)
+                cache_v[:B].index_copy_(2, pos.view(1), v)
+                k, v = cache_k[:B], cache_v[:B]
+                mask = (torch.arange(k.size(2), device=k.device) <= pos)[None, None]
+            else:
+                cache_k[:B, :, pos:pos + T] = k
+                cache_v[:B, :, pos:pos + T] = v
+                k, v = cache_k[:B, :, :pos + T], cache_v[:B, :, :pos + T]
+        # a single new query sees every cached key; a block of queries from 0 is causal, or as mask says
+        assert T == 1 or pos == 0, "the cache is filled by one prompt at position 0, then one token at a time"
         S = k.size(-2)  # keys: T, or a cache's pos + T
         if q.is_cpu and q.dtype == torch.bfloat16 and torch.is_grad_enabled() and S <= 256:
             # the CPU's bf16 flash attention has a slow backward pass: training takes the plain computation,
@@ -277,9 +289,9 @@ class GPT(nn.Module):
         B, T = idx.shape
         assert reduction in ("mean", "none"), f"reduction {reduction!r}: mean or none"
         if mask is None:
-            assert pos + T <= self.config.block_size, \
+            assert torch.is_tensor(pos) or pos + T <= self.config.block_size, \
                 f"sequence of {pos + T} tokens is longer than block_size {self.config.block_size}"
-            positions = torch.arange(pos, pos + T, device=idx.device)
+            positions = torch.arange(T, device=idx.device) + pos
         else:
             positions = mask.sum(-1) - 1
         x = self.transformer.wte(idx)
@@ -375,26 +387,33 @@ class GPT(nn.Module):
         return self
 
     def new_cache(self, batch_size, device, dtype):
-        """Empty key/value buffers for every layer, long enough for a whole block."""
+        """Key/value buffers for every layer, long enough for a whole block. Zeros, not garbage: a compiled step
+        attends to the whole buffer, and a masked NaN would still spoil its weighted sum."""
         c = self.config
         shape = (batch_size, c.n_head, c.block_size, c.n_embd // c.n_head)
-        return [(torch.empty(shape, device=device, dtype=dtype), torch.empty(shape, device=device, dtype=dtype))
+        return [(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
                 for _ in range(c.n_layer)]
 
     @torch.inference_mode()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, eot_token=None,
-                 use_cache=True, generator=None):
+                 use_cache=True, generator=None, compile=False):
         """Continue each row of idx (B, T) by up to max_new_tokens tokens.
 
         The model sees at most block_size tokens. When the window is full it slides forward by half
         a block, and with use_cache the cache is refilled from that window, so cached and recomputed
         generation condition on the same tokens. temperature 0 is greedy. A row that emits eot_token
         keeps emitting it; generation stops when every row has. Inference mode skips autograd's bookkeeping
-        on each of a token's few hundred small operations.
+        on each of a token's few hundred small operations. With compile, one step of the cache (the same
+        shapes at every position) is compiled: inductor fuses its small operations, at a one-time cost.
         """
+        # realize_opcount_threshold: inductor would otherwise recompute a product's input (a norm, a gelu) for
+        # every row of the weight, rather than once into a buffer
+        step = torch.compile(self, fullgraph=True, dynamic=False, options={"realize_opcount_threshold": 1}) \
+            if compile and use_cache else self
         block = self.config.block_size
         start = max(0, idx.size(1) - block)  # first token inside the window
         cache, filled = None, 0  # filled: how many window tokens the cache holds
+        idx_next = None  # the token sampled last
         done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
         for _ in range(max_new_tokens):
             if idx.size(1) - start > block:
@@ -411,7 +430,10 @@ class GPT(nn.Module):
                 logits, _ = self(idx[:, start:], cache=cache, pos=0)
                 filled = idx.size(1) - start
             else:
-                logits, _ = self(idx[:, -1:], cache=cache, pos=filled)
+                # a compiled step takes the position as a tensor, and the last token as a tensor of its own (a
+                # slice of idx would have new strides, and shapes or strides that change compile again)
+                logits, _ = step(idx_next, cache=cache,
+                                 pos=torch.tensor(filled, device=idx.device) if step is not self else filled)
                 filled += 1
             idx_next = sample_next(logits[:, -1, :].float(), temperature, top_k, top_p, generator)
             if eot_token is not None:

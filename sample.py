@@ -34,6 +34,7 @@ out = "generation.jsonl"
 interactive = False
 device = "auto"
 dtype = "auto"
+compile = False  # compile one step of generation: inductor fuses its small operations, after a one-time cost
 # -----------------------------------------------------------------------------
 
 
@@ -73,7 +74,7 @@ if __name__ == "__main__":
         """The new tokens after ids, up to max_new_tokens, stopping before end-of-text."""
         x = torch.tensor(ids, dtype=torch.long, device=device)[None, :]
         y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                           eot_token=tokenizer.eot_token, generator=generator)
+                           eot_token=tokenizer.eot_token, generator=generator, compile=compile)
         new = y[0, len(ids):].tolist()
         return new[:new.index(tokenizer.eot_token)] if tokenizer.eot_token in new else new
 

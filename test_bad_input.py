@@ -172,6 +172,7 @@ CASES = [
                  id="sample-negative-temperature"),
     pytest.param("sample.py", ["--out_dir=ck", "--top_p=0"], "0 < top_p <= 1", id="sample-top-p-0"),
     pytest.param("sample.py", ["--out_dir=ck", "--dtype=float8"], "unknown dtype 'float8'", id="sample-unknown-dtype"),
+    pytest.param("sample.py", ["--out_dir=ck", "--compile=yes"], "compile must be bool", id="sample-compile-not-bool"),
     pytest.param("sample.py", ["--out_dir=ck", "--device=cuda"], "use --device=cpu", id="sample-device-cuda-absent",
                  marks=no_cuda),
     pytest.param("sample.py", ["--out_dir=ck", "--max_new_tokens=0"], "max_new_tokens >= 1",

@@ -1,4 +1,5 @@
 import math
+import os
 
 import pytest
 import torch
@@ -99,6 +100,62 @@ def test_cached_logits_match_full_forward():
         step, _ = model(x[:, i:i + 1], cache=cache, pos=i)
         full, _ = model(x[:, :i + 1])
         assert torch.allclose(step, full, atol=1e-5)
+
+
+BLOCK_KINDS = dict(gpt2=dict(bias=True), relu2=dict(mlp="relu2", bias=False),
+                   modern=dict(pos="rope", mlp="swiglu", norm="rmsnorm", qk_norm=True, bias=False))
+
+
+@pytest.mark.parametrize("kw", BLOCK_KINDS.values(), ids=BLOCK_KINDS.keys())
+def test_a_step_at_a_tensor_position_attends_to_the_keys_up_to_it(kw):
+    """The compiled step's path (the position a tensor, the whole buffer attended with later keys masked) gives
+    the full forward's logits, though the buffer holds another window's keys and values past the position."""
+    model = tiny(**kw)
+    x = torch.randint(61, (2, 12))
+    cache = model.new_cache(2, "cpu", torch.float32)
+    for k, v in cache:
+        k.normal_(0, 3.0), v.normal_(0, 3.0)  # leftovers the mask must hide
+    model(x[:, :8], cache=cache, pos=0)
+    for i in range(8, 12):
+        step, _ = model(x[:, i:i + 1], cache=cache, pos=torch.tensor(i))
+        full, _ = model(x[:, :i + 1])
+        assert torch.allclose(step, full, atol=1e-5), (step - full).abs().max()
+
+
+@pytest.mark.parametrize("kw", BLOCK_KINDS.values(), ids=BLOCK_KINDS.keys())
+def test_the_compiled_step_is_one_graph_for_every_position(kw):
+    """What generate(compile=True) compiles: one step of the cache traces to one graph, which serves every
+    later position without compiling again (dynamo alone, the graph run as traced: inductor's part is
+    make test-compile's)."""
+    import torch._dynamo
+    torch._dynamo.reset()  # other tests' graphs of the same forward must not count, or be reused
+    model = tiny(**kw)
+    graphs = []
+
+    def count(graph, example_inputs):
+        graphs.append(graph)
+        return graph.forward
+
+    step = torch.compile(model, backend=count, fullgraph=True, dynamic=False)
+    x = torch.randint(61, (1, 14))
+    cache = model.new_cache(1, "cpu", torch.float32)
+    with torch.inference_mode():
+        model(x[:, :8], cache=cache, pos=0)
+        for i in range(8, 14):
+            logits, _ = step(x[:, i:i + 1].clone(), cache=cache, pos=torch.tensor(i))
+            assert torch.allclose(logits, model(x[:, :i + 1])[0], atol=1e-5)
+    assert len(graphs) == 1
+
+
+@pytest.mark.skipif(not os.environ.get("TEST_COMPILE"), reason="inductor takes a while here; make test-compile")
+@pytest.mark.parametrize("kw", BLOCK_KINDS.values(), ids=BLOCK_KINDS.keys())
+def test_compiled_generation_equals_recomputation(kw):
+    """generate(compile=True) compiles the step with inductor (its own products of one token on the CPU) and
+    gives the greedy text of recomputing every window, past block_size and its refill of the cache."""
+    model = tiny(**kw)
+    x = torch.randint(61, (1, 5))
+    compiled = model.generate(x, 60, temperature=0, compile=True)
+    assert torch.equal(compiled, model.generate(x, 60, temperature=0, use_cache=False))
 
 
 @pytest.mark.parametrize("rows", [1, 3, 8, 9])
