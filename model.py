@@ -143,10 +143,13 @@ class CausalSelfAttention(nn.Module):
                 k, v = cache_k[:B, :, :pos + T], cache_v[:B, :, :pos + T]
         # a single new query sees every cached key; a block of queries from 0 is causal, or as mask says
         assert T == 1 or pos == 0, "the cache is filled by one prompt at position 0, then one token at a time"
-        S = k.size(-2)  # keys: T, or a cache's pos + T
-        if q.is_cpu and q.dtype == torch.bfloat16 and torch.is_grad_enabled() and S <= 256:
-            # the CPU's bf16 flash attention has a slow backward pass: training takes the plain computation,
-            # over contexts as long as it was measured on, as its memory grows with the square of the context
+        S = k.size(-2)  # keys: T, a cache's pos + T, or its whole buffer
+        if q.is_cpu and (T == 1 and torch.compiler.is_compiling() or
+                         q.dtype == torch.bfloat16 and torch.is_grad_enabled() and S <= 256):
+            # compiled, one query's attention fuses with its neighbours, where the CPU's flash attention
+            # would be a separate call; and that kernel has a slow bf16 backward pass: training takes the
+            # plain computation, over contexts as long as it was measured on, as its memory grows with the
+            # square of the context
             scores = (q * (1.0 / math.sqrt(q.size(-1)))) @ k.mT
             seen = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T) if mask is None else mask[:, None]
             att = F.dropout(scores.masked_fill(~seen, float("-inf")).softmax(dim=-1), self.dropout, self.training)
