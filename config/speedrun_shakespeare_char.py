@@ -6,8 +6,8 @@
 #   python train.py --out_dir=checkpoint/speedrun_shakespeare_char --eval_only
 out_dir = "checkpoint/speedrun_shakespeare_char"
 dataset = "shakespeare_char"
-eval_interval = 260  # one quick estimate, at the end
-eval_iters = 20
+eval_interval = 260  # one quick estimate, at the end: the whole split is evaluated afterwards
+eval_iters = 5
 log_interval = 40
 plot = False
 final_eval = False
