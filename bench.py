@@ -209,11 +209,11 @@ def bench_sampling(model, cfg, device, dtype):
     prompt = torch.zeros((1, 1), dtype=torch.long, device=device)
     results = {}
     for use_cache in (True, False) if cfg["sample"] else (True,):
-        compiled = ""
+        compile_note = ""
         if cfg["compile"] and use_cache:  # the step after the first token is compiled once, before the timing
             t = time.perf_counter()
             model.generate(prompt, 2, temperature=0, compile=True)
-            compiled = f", compiled in {time.perf_counter() - t:.1f} s"
+            compile_note = f", compiled in {time.perf_counter() - t:.1f} s"
         sync(device)
         t = time.perf_counter()
         model.generate(prompt, 1, temperature=0, use_cache=use_cache)
@@ -225,7 +225,7 @@ def bench_sampling(model, cfg, device, dtype):
         sync(device)
         total = time.perf_counter() - t
         results[use_cache] = (out, total)
-        print(f"sampling ({dtype} weights{compiled}) {'with' if use_cache else 'without'} KV cache: first token "
+        print(f"sampling ({dtype} weights{compile_note}) {'with' if use_cache else 'without'} KV cache: first token "
               f"{first * 1000:.1f} ms, {cfg['sample_tokens'] / total:,.0f} tokens/s "
               f"({cfg['sample_tokens']} tokens in {total:.2f} s)")
     if cfg["sample"]:

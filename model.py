@@ -86,15 +86,17 @@ class Linear(nn.Linear):
     A step of generation multiplies each fp32 weight by one vector per sequence, so its speed is how fast
     the weight streams from memory. MKL does that matrix-vector product on one thread; cut into one block
     of rows per thread and done as one batched product, the weight streams on every core (RESULTS.md has
-    the figures). bf16 weights gain nothing that way, and keep the usual path."""
+    the figures). Compiled, the product is written as a sum that inductor turns into its own loop over the
+    rows, on every core. bf16 weights gain nothing that way, and keep the usual path."""
 
     def forward(self, x):
         w = self.weight
         if x.numel() > 8 * w.shape[1] or w.dtype != torch.float32 or not w.is_cpu:
             return super().forward(x)
         if torch.compiler.is_compiling():
-            # inductor writes this as its own loop over the weight's rows, on every core (and could not trace
-            # get_num_threads, an int, not a tensor)
+            if torch.is_autocast_enabled("cpu"):  # a sum is not cast as a matmul would be
+                return super().forward(x)
+            # (torch.compile could not trace get_num_threads below, an int, not a tensor)
             y = (x.unsqueeze(-2) * w).sum(-1)
         else:
             blocks = torch.get_num_threads()
@@ -127,14 +129,17 @@ class CausalSelfAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:  # the tables' rows for the tokens' positions
             q, k = rotate(q, *rope), rotate(k, *rope)
+        assert T == 1 or (not torch.is_tensor(pos) and pos == 0), \
+            "the cache is filled by one prompt at position 0, then one token at a time"
         if cache is not None:
             # keys and values of earlier positions are kept, so a new token attends without recomputing them
             cache_k, cache_v = cache
             if torch.is_tensor(pos):
                 # one token at position pos, given as a tensor by a compiled step: it attends to the whole
                 # buffer with the keys after pos masked, so every position has the same shapes and one graph
-                cache_k[:B].index_copy_(2, pos.view(1), k)
-                cache_v[:B].index_copy_(2, pos.view(1), v)
+                assert mask is None, "a step at a tensor position makes its own mask"
+                cache_k[:B].index_copy_(2, pos.view(1), k.to(cache_k.dtype))
+                cache_v[:B].index_copy_(2, pos.view(1), v.to(cache_v.dtype))
                 k, v = cache_k[:B], cache_v[:B]
                 mask = (torch.arange(k.size(2), device=k.device) <= pos)[None, None]
             else:
@@ -142,14 +147,13 @@ class CausalSelfAttention(nn.Module):
                 cache_v[:B, :, pos:pos + T] = v
                 k, v = cache_k[:B, :, :pos + T], cache_v[:B, :, :pos + T]
         # a single new query sees every cached key; a block of queries from 0 is causal, or as mask says
-        assert T == 1 or pos == 0, "the cache is filled by one prompt at position 0, then one token at a time"
         S = k.size(-2)  # keys: T, a cache's pos + T, or its whole buffer
-        if q.is_cpu and (T == 1 and torch.compiler.is_compiling() or
+        if q.is_cpu and (T == 1 and q.dtype == torch.float32 and torch.compiler.is_compiling() or
                          q.dtype == torch.bfloat16 and torch.is_grad_enabled() and S <= 256):
-            # compiled, one query's attention fuses with its neighbours, where the CPU's flash attention
-            # would be a separate call; and that kernel has a slow bf16 backward pass: training takes the
-            # plain computation, over contexts as long as it was measured on, as its memory grows with the
-            # square of the context
+            # The plain computation, in two cases. A compiled step's one query: it fuses with the step's other
+            # loops, where the CPU's flash attention would be a call of its own. And bf16 training, whose
+            # backward pass is slow in that kernel, over contexts as long as it was measured on: the plain
+            # computation's memory grows with the square of the context.
             scores = (q * (1.0 / math.sqrt(q.size(-1)))) @ k.mT
             seen = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T) if mask is None else mask[:, None]
             att = F.dropout(scores.masked_fill(~seen, float("-inf")).softmax(dim=-1), self.dropout, self.training)
@@ -292,6 +296,7 @@ class GPT(nn.Module):
         B, T = idx.shape
         assert reduction in ("mean", "none"), f"reduction {reduction!r}: mean or none"
         if mask is None:
+            # a tensor position is generate's, which keeps it inside the block (a check would sync a GPU)
             assert torch.is_tensor(pos) or pos + T <= self.config.block_size, \
                 f"sequence of {pos + T} tokens is longer than block_size {self.config.block_size}"
             positions = torch.arange(T, device=idx.device) + pos
@@ -412,7 +417,8 @@ class GPT(nn.Module):
         # realize_opcount_threshold: inductor would otherwise recompute a product's input (a norm, a gelu) for
         # every row of the weight, rather than once into a buffer
         step = torch.compile(self, fullgraph=True, dynamic=False, options={"realize_opcount_threshold": 1}) \
-            if compile and use_cache else self
+            if compile and use_cache else None
+        checked = False  # whether step has run in this call, dynamo checking that its graph fits
         block = self.config.block_size
         start = max(0, idx.size(1) - block)  # first token inside the window
         cache, filled = None, 0  # filled: how many window tokens the cache holds
@@ -432,11 +438,16 @@ class GPT(nn.Module):
                     cache = self.new_cache(idx.size(0), idx.device, dtype)
                 logits, _ = self(idx[:, start:], cache=cache, pos=0)
                 filled = idx.size(1) - start
+            elif step is None:
+                logits, _ = self(idx[:, -1:], cache=cache, pos=filled)
+                filled += 1
             else:
-                # a compiled step takes the position as a tensor, and the last token as a tensor of its own (a
-                # slice of idx would have new strides, and shapes or strides that change compile again)
-                logits, _ = step(idx_next, cache=cache,
-                                 pos=torch.tensor(filled, device=idx.device) if step is not self else filled)
+                # the position as a tensor, and the last token as a tensor of its own (a slice of idx would have
+                # new strides), as new shapes or strides would compile again. Once dynamo has checked that the
+                # graph fits, nothing it checks changes in this loop: later steps skip its checks
+                with torch.compiler.set_stance(skip_guard_eval_unsafe=checked):
+                    logits, _ = step(idx_next, cache=cache, pos=torch.tensor(filled, device=idx.device))
+                checked = True
                 filled += 1
             idx_next = sample_next(logits[:, -1, :].float(), temperature, top_k, top_p, generator)
             if eot_token is not None:

@@ -123,10 +123,11 @@ def test_a_step_at_a_tensor_position_attends_to_the_keys_up_to_it(kw):
 
 
 @pytest.mark.parametrize("kw", BLOCK_KINDS.values(), ids=BLOCK_KINDS.keys())
-def test_the_compiled_step_is_one_graph_for_every_position(kw):
+def test_the_step_of_generation_traces_to_one_graph_for_every_position(kw):
     """What generate(compile=True) compiles: one step of the cache traces to one graph, which serves every
-    later position without compiling again (dynamo alone, the graph run as traced: inductor's part is
-    make test-compile's)."""
+    later position without tracing again, and computes what the full forward does, its plain attention
+    hiding the buffer's leftovers past the position (dynamo alone, the graph run as traced: inductor's part
+    is make test-compile's)."""
     import torch._dynamo
     torch._dynamo.reset()  # other tests' graphs of the same forward must not count, or be reused
     model = tiny(**kw)
@@ -139,6 +140,8 @@ def test_the_compiled_step_is_one_graph_for_every_position(kw):
     step = torch.compile(model, backend=count, fullgraph=True, dynamic=False)
     x = torch.randint(61, (1, 14))
     cache = model.new_cache(1, "cpu", torch.float32)
+    for k, v in cache:
+        k.normal_(0, 3.0), v.normal_(0, 3.0)
     with torch.inference_mode():
         model(x[:, :8], cache=cache, pos=0)
         for i in range(8, 14):
@@ -150,12 +153,17 @@ def test_the_compiled_step_is_one_graph_for_every_position(kw):
 @pytest.mark.skipif(not os.environ.get("TEST_COMPILE"), reason="inductor takes a while here; make test-compile")
 @pytest.mark.parametrize("kw", BLOCK_KINDS.values(), ids=BLOCK_KINDS.keys())
 def test_compiled_generation_equals_recomputation(kw):
-    """generate(compile=True) compiles the step with inductor (its own products of one token on the CPU) and
-    gives the greedy text of recomputing every window, past block_size and its refill of the cache."""
+    """generate(compile=True) compiles the step with inductor (its own products of one token on the CPU), once
+    for every position, and gives the greedy text of recomputing every window, for two rows, one of which may
+    stop early, past block_size and its refill of the cache."""
+    import torch._dynamo
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     model = tiny(**kw)
-    x = torch.randint(61, (1, 5))
-    compiled = model.generate(x, 60, temperature=0, compile=True)
-    assert torch.equal(compiled, model.generate(x, 60, temperature=0, use_cache=False))
+    x = torch.randint(61, (2, 5))
+    compiled = model.generate(x, 60, temperature=0, eot_token=3, compile=True)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # not eager after a recompile limit
+    assert torch.equal(compiled, model.generate(x, 60, temperature=0, eot_token=3, use_cache=False))
 
 
 @pytest.mark.parametrize("rows", [1, 3, 8, 9])

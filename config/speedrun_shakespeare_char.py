@@ -6,7 +6,7 @@
 #   python train.py --out_dir=checkpoint/speedrun_shakespeare_char --eval_only
 out_dir = "checkpoint/speedrun_shakespeare_char"
 dataset = "shakespeare_char"
-eval_interval = 260  # one quick estimate, at the end: the whole split is evaluated afterwards
+eval_interval = 260  # one quick estimate, at the end: the whole split is --eval_only's, afterwards
 eval_iters = 5
 log_interval = 40
 plot = False
