@@ -53,12 +53,13 @@ if __name__ == "__main__":
     if temperature < 0 or top_k < 0 or not 0 < top_p <= 1 or max_new_tokens < 1 or num_samples < 1:
         fail("need temperature >= 0, top_k >= 0, 0 < top_p <= 1, max_new_tokens >= 1 and num_samples >= 1")
     device = resolve_device(device)
-    dtype = resolve_dtype(dtype, device)
+    # generation reads every weight once a token: a CPU streams fp32 weights on every core through
+    # model.Linear's blocked product, which bf16's product does not (RESULTS.md), so auto is fp32 there
+    dtype = "float32" if dtype == "auto" and device == "cpu" else resolve_dtype(dtype, device)
 
     model, tokenizer, path = ckpt.open_run(out_dir, checkpoint_name)
     model.eval().to(device)
-    # each new token reads every weight once, so generation is bound by memory traffic: weights stored in
-    # half precision halve it, where autocast would convert every weight again for every token
+    # weights stored in the sampling dtype, where autocast would convert every weight again for every token
     model.to(getattr(torch, dtype))
     generator = torch.Generator(device=device).manual_seed(seed)
 
@@ -120,7 +121,7 @@ if __name__ == "__main__":
             print()
     else:
         ids = encode(read_prompt(start))
-        print(f"sampling from {path}", file=sys.stderr)
+        print(f"sampling from {path} ({dtype} weights, {device})", file=sys.stderr)
         for _ in range(num_samples):
             print(tokenizer.decode(ids + complete(ids)))
             print("---------------")
