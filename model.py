@@ -1,17 +1,16 @@
 """
 The GPT, all in one file: the only code that knows the architecture.
 
-A decoder-only transformer in the GPT-2 mould (Radford et al. 2019): token
-embeddings, pre-norm blocks of causal self-attention and an MLP, a final norm,
-and an output head tied to the token embedding. GPT-2 itself is the default;
+A decoder-only transformer in the GPT-2 mould (Radford et al. 2019): token embeddings, pre-norm blocks of causal
+self-attention and an MLP, a final norm, and an output head tied to the token embedding. GPT-2 itself is the default;
 each later choice is one GPTConfig field:
   norm     layernorm | rmsnorm (Zhang & Sennrich 2019)
   pos      learned position embeddings | rope, rotary embeddings of queries and keys (Su et al. 2021)
   mlp      gelu | swiglu, a gated MLP (Shazeer 2020) | relu2, squared ReLU (So et al. 2021)
   qk_norm  RMSNorm of each head's queries and keys (Dehghani et al. 2023)
-Training uses AdamW, or Muon for the hidden matrices with AdamW for the rest (optim.py).
-Fine-tuning may instead train LoRA adapters (Hu et al. 2021) beside chosen matmuls of a frozen model.
-Under torchrun the model may be sharded across processes with FSDP2 (Zhao et al. 2023): GPT.shard.
+Training uses AdamW, or Muon for the hidden matrices with AdamW for the rest (optim.py). Fine-tuning may instead
+train LoRA adapters (Hu et al. 2021) beside chosen matmuls of a frozen model. Under torchrun GPT.shard splits the
+model across processes with FSDP2 (Zhao et al. 2023).
 """
 import math
 import zlib
@@ -72,31 +71,25 @@ def rotary_tables(head_size, length, base=10000.0):
 
 
 def rotate(x, cos, sin):
-    """Rotate pairs of x's features (the first half against the second) by each position's angles.
-    x (B, nh, T, hs); cos and sin (1 or B, 1, T, hs // 2). Dot products of rotated queries and keys then
-    depend only on how far apart two positions are."""
+    """Rotate pairs of x's features (the first half against the second) by each position's angles, x (B, nh, T, hs),
+    cos and sin (1 or B, 1, T, hs // 2): dot products of rotated queries and keys depend only on their distance."""
     x1, x2 = x.chunk(2, dim=-1)
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
 
 class Linear(nn.Linear):
-    """nn.Linear, with a faster product for the few rows (up to 8) of a generation step on the CPU.
-
-    A step of generation multiplies each fp32 weight by one vector per sequence, so its speed is how fast
-    the weight streams from memory. MKL does that matrix-vector product on one thread; cut into one block
-    of rows per thread and done as one batched product, the weight streams on every core (RESULTS.md has
-    the figures). Compiled, the product is written as a sum that inductor turns into its own loop over the
-    rows, on every core. bf16 weights gain nothing that way, and keep the usual path."""
+    """nn.Linear, faster on the CPU for a generation step's few rows (up to 8) of fp32 (bf16 gains nothing): its
+    speed is how fast each weight streams from memory, which MKL's matrix-vector product does on one thread. As one
+    batched product of a block of rows per thread, or compiled, as a sum inductor loops over the rows, every core."""
 
     def forward(self, x):
         w = self.weight
         if x.numel() > 8 * w.shape[1] or w.dtype != torch.float32 or not w.is_cpu:
             return super().forward(x)
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling():  # which could not trace get_num_threads below (an int, not a tensor)
             if torch.is_autocast_enabled("cpu"):  # a sum is not cast as a matmul would be
                 return super().forward(x)
-            # (torch.compile could not trace get_num_threads below, an int, not a tensor)
             y = (x.unsqueeze(-2) * w).sum(-1)
         else:
             blocks = torch.get_num_threads()
@@ -109,7 +102,6 @@ class Linear(nn.Linear):
 
 
 class CausalSelfAttention(nn.Module):
-
     def __init__(self, config):
         super().__init__()
         self.n_head = config.n_head
@@ -129,14 +121,12 @@ class CausalSelfAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:  # the tables' rows for the tokens' positions
             q, k = rotate(q, *rope), rotate(k, *rope)
-        assert T == 1 or (not torch.is_tensor(pos) and pos == 0), \
-            "the cache is filled by one prompt at position 0, then one token at a time"
+        assert T == 1 or (not torch.is_tensor(pos) and pos == 0), "a cache is filled from 0, then a token at a time"
         if cache is not None:
-            # keys and values of earlier positions are kept, so a new token attends without recomputing them
+            # keys and values of earlier positions are kept, so a new token attends without recomputing them; a
+            # compiled step's token (pos a tensor) attends to the whole buffer, later keys masked: one graph for all
             cache_k, cache_v = cache
             if torch.is_tensor(pos):
-                # one token at position pos, given as a tensor by a compiled step: it attends to the whole
-                # buffer with the keys after pos masked, so every position has the same shapes and one graph
                 assert mask is None, "a step at a tensor position makes its own mask"
                 cache_k[:B].index_copy_(2, pos.view(1), k.to(cache_k.dtype))
                 cache_v[:B].index_copy_(2, pos.view(1), v.to(cache_v.dtype))
@@ -150,10 +140,8 @@ class CausalSelfAttention(nn.Module):
         S = k.size(-2)  # keys: T, a cache's pos + T, or its whole buffer
         if q.is_cpu and (T == 1 and q.dtype == torch.float32 and torch.compiler.is_compiling() or
                          q.dtype == torch.bfloat16 and torch.is_grad_enabled() and S <= 256):
-            # The plain computation, in two cases. A compiled step's one query: it fuses with the step's other
-            # loops, where the CPU's flash attention would be a call of its own. And bf16 training, whose
-            # backward pass is slow in that kernel, over contexts as long as it was measured on: the plain
-            # computation's memory grows with the square of the context.
+            # plainly for a compiled step's query, fused with its neighbours where flash attention is a call of its
+            # own, and for bf16 training (slow in the flash backward) over contexts as long as measured (memory T * S)
             scores = (q * (1.0 / math.sqrt(q.size(-1)))) @ k.mT
             seen = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T) if mask is None else mask[:, None]
             att = F.dropout(scores.masked_fill(~seen, float("-inf")).softmax(dim=-1), self.dropout, self.training)
@@ -167,7 +155,6 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-
     def __init__(self, config):
         super().__init__()
         self.activation = config.mlp
@@ -191,7 +178,6 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-
     def __init__(self, config):
         super().__init__()
         self.ln_1 = make_norm(config)
@@ -206,11 +192,9 @@ class Block(nn.Module):
 
 class LoRALinear(nn.Module):
     """A linear layer with a low-rank path beside it: base(x) + alpha / rank * B A dropout(x) (Hu et al. 2021).
-    B starts at zero, so until it trains the layer computes exactly what base does. The same computation
-    as a PEFT LoRA layer, dropout on the path's input included, so the adapters export to PEFT as they are.
-    A module around the layer rather than a parametrization of its weight: a parametrization sees only the
-    weight, so it cannot drop the path's input, and it would form base.weight + B A and its full gradient
-    at every step."""
+    B starts at zero, so until it trains the layer computes exactly what base does: a PEFT LoRA layer's computation,
+    dropout on the path's input included, so the adapters export to PEFT as they are. A module around the layer, not
+    a parametrization, which sees only the weight (it cannot drop the path's input) and forms B A at every step."""
 
     def __init__(self, base, rank, alpha, dropout):
         super().__init__()
@@ -235,7 +219,6 @@ LORA_TARGETS = ("c_attn", "c_proj", "c_fc")  # the blocks' matmuls, by GPT-2's n
 
 
 class GPT(nn.Module):
-
     def __init__(self, config):
         super().__init__()
         self.config = config
@@ -254,14 +237,12 @@ class GPT(nn.Module):
         self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying (Press & Wolf 2017)
         self.recompute_blocks = False  # activation checkpointing: memory for a second forward of each block
-
         self.init_weights(torch.initial_seed())
 
     def init_weights(self, seed):
-        """GPT-2's initialisation: weights normal with std 0.02, the residual projections' scaled by
-        1/sqrt(2 * n_layer) so the residual stream's variance does not grow with depth (GPT-2 paper, 2.3), biases
-        0, gains 1. Each parameter has a generator seeded by seed and its name: sharded across processes (built
-        on the meta device), each process draws one whole parameter at a time and keeps its own rows."""
+        """GPT-2's init: weights normal, std 0.02, the residual projections' scaled by 1/sqrt(2 * n_layer) so the
+        residual stream's variance does not grow with depth (GPT-2 paper, 2.3); biases 0, gains 1. Each parameter's
+        generator is seeded by seed and its name: sharded, each process draws whole parameters and keeps its rows."""
         if self.config.pos == "rope":  # buffers are empty too after the meta device
             tables = rotary_tables(self.config.n_embd // self.config.n_head, self.config.block_size)
             self.rope_cos, self.rope_sin = (t.to(self.rope_cos.device) for t in tables)
@@ -282,8 +263,7 @@ class GPT(nn.Module):
                 p.copy_(value)
 
     def num_params(self, non_embedding=True):
-        """Parameter count; position embeddings are left out by default as they do no matmul work.
-        The token embedding stays in: it is also the output head."""
+        """Parameter count, less the position embeddings (no matmul work) if non_embedding; wte is also the head."""
         n = sum(p.numel() for p in self.parameters())
         if non_embedding and "wpe" in self.transformer:
             n -= self.transformer.wpe.weight.numel()
@@ -317,8 +297,7 @@ class GPT(nn.Module):
             else:
                 x = block(x, None if cache is None else cache[i], pos, rope, mask)
         x = self.transformer.ln_f(x)
-        if targets is None:
-            # generation needs only the last position's distribution
+        if targets is None:  # generation needs only the last position's distribution
             return self.lm_head(x[:, [-1], :]), None
         if reduction == "none":
             scored = targets != -1
@@ -330,11 +309,9 @@ class GPT(nn.Module):
         return logits, loss
 
     def shard(self, mesh, param_dtype=None):
-        """Split weights, gradients and optimizer state across the processes of mesh (FSDP2): each block is
-        a unit whose whole weights are gathered just before its forward and its backward and freed after,
-        and the embedding, final norm and head form the last unit. Each process then holds 1/N of the
-        parameters and of what the optimizer keeps. With param_dtype (bf16), the gathered weights are in
-        that dtype and gradients are averaged across processes in fp32."""
+        """Split weights, gradients and optimizer state across mesh's processes (FSDP2), each holding 1/N: each block
+        is a unit whose weights are gathered just before its forward and its backward and freed after, the embedding,
+        final norm and head the last. With param_dtype (bf16), weights gather in it, gradients average in fp32."""
         # imported here: slow to import, and only fsdp needs it
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
@@ -368,8 +345,7 @@ class GPT(nn.Module):
             self.rope_cos, self.rope_sin = self.rope_cos[:block_size], self.rope_sin[:block_size]
 
     def add_lora(self, rank, alpha, dropout, targets):
-        """Put a LoRALinear around every block matmul named in targets (c_proj names both attention's and
-        the MLP's, as PEFT matches names)."""
+        """Wrap each block matmul named in targets in a LoRALinear (c_proj is attention's and the MLP's, as in PEFT)."""
         unknown = [t for t in targets if t not in LORA_TARGETS]
         if unknown:
             raise ValueError(f"lora_targets {','.join(unknown)} matches no layer; valid names: "
@@ -407,15 +383,13 @@ class GPT(nn.Module):
                  use_cache=True, generator=None, compile=False):
         """Continue each row of idx (B, T) by up to max_new_tokens tokens.
 
-        The model sees at most block_size tokens. When the window is full it slides forward by half
-        a block, and with use_cache the cache is refilled from that window, so cached and recomputed
-        generation condition on the same tokens. temperature 0 is greedy. A row that emits eot_token
-        keeps emitting it; generation stops when every row has. Inference mode skips autograd's bookkeeping
-        on each of a token's few hundred small operations. With compile, one step of the cache (the same
-        shapes at every position) is compiled: inductor fuses its small operations, at a one-time cost.
+        The model sees at most block_size tokens. When the window is full it slides forward by half a block, and
+        with use_cache the cache is refilled from that window, so cached and recomputed generation condition on
+        the same tokens. temperature 0 is greedy. A row that emits eot_token keeps emitting it; generation stops
+        when every row has. Inference mode skips autograd's bookkeeping on a token's many small operations; with
+        compile, inductor fuses them into one step of the cache, compiled once (its shapes never change).
         """
-        # realize_opcount_threshold: inductor would otherwise recompute a product's input (a norm, a gelu) for
-        # every row of the weight, rather than once into a buffer
+        # realize_opcount_threshold: a product's input (a norm, a gelu) computed once, not again for every weight row
         step = torch.compile(self, fullgraph=True, dynamic=False, options={"realize_opcount_threshold": 1}) \
             if compile and use_cache else None
         checked = False  # whether step has run in this call, dynamo checking that its graph fits
@@ -432,9 +406,8 @@ class GPT(nn.Module):
                 logits, _ = self(idx[:, start:])
             elif filled == 0:
                 if cache is None:  # under autocast, keys and values come out in the autocast dtype
-                    device_type = idx.device.type
-                    autocasting = torch.is_autocast_enabled(device_type)
-                    dtype = torch.get_autocast_dtype(device_type) if autocasting else self.lm_head.weight.dtype
+                    autocasting = torch.is_autocast_enabled(idx.device.type)
+                    dtype = torch.get_autocast_dtype(idx.device.type) if autocasting else self.lm_head.weight.dtype
                     cache = self.new_cache(idx.size(0), idx.device, dtype)
                 logits, _ = self(idx[:, start:], cache=cache, pos=0)
                 filled = idx.size(1) - start
@@ -442,9 +415,8 @@ class GPT(nn.Module):
                 logits, _ = self(idx[:, -1:], cache=cache, pos=filled)
                 filled += 1
             else:
-                # the position as a tensor, and the last token as a tensor of its own (a slice of idx would have
-                # new strides), as new shapes or strides would compile again. Once dynamo has checked that the
-                # graph fits, nothing it checks changes in this loop: later steps skip its checks
+                # the position, and the last token, as tensors of their own (a slice of idx has new strides, which
+                # would compile again). Once dynamo has checked that the graph fits, nothing it checks changes here
                 with torch.compiler.set_stance(skip_guard_eval_unsafe=checked):
                     logits, _ = step(idx_next, cache=cache, pos=torch.tensor(filled, device=idx.device))
                 checked = True
