@@ -28,6 +28,7 @@ from configurator import (
     fail,
     resolve_device,
     resolve_dtype,
+    resolve_sampling_dtype,
     script_defaults,
 )
 from dataloader import Dataset, batches
@@ -284,4 +285,4 @@ if __name__ == "__main__":
     if cfg["mc_examples"] > 0:
         bench_multiple_choice(model, cfg, device, dtype, vocab_size)
     if cfg["sample_tokens"] > 0:
-        bench_sampling(model, cfg, device, dtype)
+        bench_sampling(model, cfg, device, resolve_sampling_dtype(cfg["dtype"], device))

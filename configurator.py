@@ -163,6 +163,13 @@ def resolve_dtype(dtype, device):
     return "bfloat16" if device == "cpu" and cpu_has_fast_bf16() else "float32"
 
 
+def resolve_sampling_dtype(dtype, device):
+    """The dtype generation stores the weights in: as resolve_dtype, but 'auto' is fp32 on any CPU. Each token reads
+    every weight once, and a CPU streams fp32 weights on every core through model.Linear's blocked product, which
+    bf16's product does not (RESULTS.md)."""
+    return "float32" if dtype == "auto" and device == "cpu" else resolve_dtype(dtype, device)
+
+
 def allow_tf32():
     """Let CUDA run fp32 matmuls and convolutions on TensorFloat-32 cores: through fp32_precision where
     torch has it, as torch 2.9 and later warn about allow_tf32, and mixing the two broke inductor in 2.10."""

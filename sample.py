@@ -17,7 +17,7 @@ import torch
 
 import checkpoint as ckpt
 import tokenizer as tok
-from configurator import configure, defaults_from, fail, resolve_device, resolve_dtype
+from configurator import configure, defaults_from, fail, resolve_device, resolve_sampling_dtype
 
 # -----------------------------------------------------------------------------
 out_dir = ""  # a run folder holding ckpt.pt; default: the newest under checkpoint/
@@ -53,9 +53,7 @@ if __name__ == "__main__":
     if temperature < 0 or top_k < 0 or not 0 < top_p <= 1 or max_new_tokens < 1 or num_samples < 1:
         fail("need temperature >= 0, top_k >= 0, 0 < top_p <= 1, max_new_tokens >= 1 and num_samples >= 1")
     device = resolve_device(device)
-    # generation reads every weight once a token: a CPU streams fp32 weights on every core through
-    # model.Linear's blocked product, which bf16's product does not (RESULTS.md), so auto is fp32 there
-    dtype = "float32" if dtype == "auto" and device == "cpu" else resolve_dtype(dtype, device)
+    dtype = resolve_sampling_dtype(dtype, device)
 
     model, tokenizer, path = ckpt.open_run(out_dir, checkpoint_name)
     model.eval().to(device)

@@ -142,6 +142,7 @@ def test_bench_smoke(workdir):
     p = run("bench.py", *TINY, "--iters=2", "--warmup=1", "--sample_tokens=40", cwd=workdir)
     assert "tokens/s" in p.stdout and "MFU" in p.stdout
     assert "with KV cache" in p.stdout and "without KV cache" not in p.stdout  # the cached rate by default
+    assert "sampling (float32 weights" in p.stdout  # dtype=auto samples on a CPU as sample.py does
     p = run("bench.py", *TINY, "--iters=2", "--warmup=1", "--sample=True", "--sample_tokens=40", cwd=workdir)
     assert "without KV cache" in p.stdout and "KV cache speed-up" in p.stdout
     assert "greedy output with cache equals recomputation" in p.stdout
