@@ -7,7 +7,7 @@
 # is 0.85, not 0.95: a short run gains from averaging its gradients over fewer steps.
 out_dir = "checkpoint/shakespeare_char"
 dataset = "shakespeare_char"
-eval_interval = 475
+eval_interval = 450
 eval_iters = 20
 log_interval = 50
 
@@ -22,11 +22,11 @@ qk_norm = True
 mlp = "swiglu"
 
 optimizer = "muon"
-muon_lr = 0.03
+muon_lr = 0.02
 muon_momentum = 0.85
 learning_rate = 2e-3  # AdamW's, for the embedding and the gains
-max_iters = 950
+max_iters = 900
 lr_schedule = "cosine"
 warmup_iters = 40
-lr_decay_iters = 950
+lr_decay_iters = 900
 min_lr = 0.0
