@@ -82,6 +82,17 @@ def test_warmup_stable_decay_schedule_drives_both_optimizers(workdir):
     assert [g["lr"] for g in groups[1]["param_groups"]] == pytest.approx([2e-3] * len(groups[1]["param_groups"]))
 
 
+def test_whole_run_decay_starts_at_the_peak(workdir):
+    """wsd with decay_frac=1: no stable phase, a straight line from the peak at the end of warmup to min_lr."""
+    run("train.py", *TINY, "--max_iters=16", "--lr_schedule=wsd", "--decay_frac=1", "--eval_interval=16",
+        "--final_eval=False", "--out_dir=linear", cwd=workdir)
+    lr = {r["iter"]: r["lr"] for r in read_log(workdir / "linear" / "log.jsonl")}
+    expected = [1e-3 * (i + 1) / 6 if i < 5 else 1e-3 + (i - 5) / 10 * (1e-4 - 1e-3) if i < 15 else 1e-4
+                for i in range(16)]
+    assert [lr[i + 1] for i in range(16)] == pytest.approx(expected, rel=1e-9)
+    assert lr[6] == pytest.approx(1e-3) and lr[11] == pytest.approx(5.5e-4)
+
+
 def test_lr_is_constant_without_decay(workdir):
     run("train.py", *TINY, "--max_iters=3", "--decay_lr=False", "--final_eval=False", "--out_dir=flat", cwd=workdir)
     assert [r["lr"] for r in read_log(workdir / "flat" / "log.jsonl")] == [1e-3] * 3  # no warmup either

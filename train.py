@@ -100,7 +100,7 @@ lora_alpha = 16.0  # the adapters' output is scaled by lora_alpha / lora_rank
 lora_dropout = 0.0  # dropout on the adapters' input
 lora_targets = "c_attn"  # comma-separated: c_attn (attention's q, k, v), c_proj (both output projections), c_fc
 # learning rate schedule: linear warmup, then 'cosine' decay to min_lr at lr_decay_iters, or 'wsd':
-# warmup, stable, then a linear decay to min_lr over the last decay_frac of lr_decay_iters
+# warmup, stable, then a linear decay to min_lr over the last decay_frac of lr_decay_iters (1: from warmup's end)
 decay_lr = True
 lr_schedule = "cosine"
 decay_frac = 0.2
@@ -336,9 +336,9 @@ def get_lr(it):
     # 2) after lr_decay_iters, min_lr
     if it >= lr_decay_iters:
         return min_lr
-    # 3) in between, wsd holds learning_rate until the last decay_frac of lr_decay_iters, then falls linearly...
+    # 3) in between, wsd holds learning_rate to the last decay_frac of lr_decay_iters (or warmup's end), then falls...
     if lr_schedule == "wsd":
-        decay_start = lr_decay_iters - decay_frac * lr_decay_iters
+        decay_start = max(warmup_iters, lr_decay_iters - decay_frac * lr_decay_iters)
         if it < decay_start:
             return learning_rate
         return learning_rate + (it - decay_start) / (lr_decay_iters - decay_start) * (min_lr - learning_rate)
