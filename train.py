@@ -100,7 +100,7 @@ lora_alpha = 16.0  # the adapters' output is scaled by lora_alpha / lora_rank
 lora_dropout = 0.0  # dropout on the adapters' input
 lora_targets = "c_attn"  # comma-separated: c_attn (attention's q, k, v), c_proj (both output projections), c_fc
 # learning rate schedule: linear warmup, then 'cosine' decay to min_lr at lr_decay_iters, or 'wsd':
-# warmup, stable, then a linear decay to min_lr over the last decay_frac of lr_decay_iters (1: from warmup's end)
+# warmup, stable, then a linear decay to min_lr over the last decay_frac of lr_decay_iters, never before warmup's end
 decay_lr = True
 lr_schedule = "cosine"
 decay_frac = 0.2
